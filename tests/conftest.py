@@ -1,0 +1,37 @@
+"""Shared fixtures: one local Ray cluster per test session (Ray start-up costs ~10 s here)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Loopback-only test clusters: no token needed, no dashboard, no usage stats.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray instance shared by every test that needs one.
+
+    Logical CPUs are oversubscribed (8 on 2 cores) so training workers never starve Ray Data tasks.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    # Serve (if a test started it) is shut down by its own fixture; the cluster goes with the session.
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The tiny preset (used by most model tests)."""
+    from pali.config import get_preset
+
+    return get_preset("tiny")
