@@ -1,0 +1,87 @@
+"""PaLI task prompts, shared by training, evaluation and serving.
+
+| task | prompt | target |
+|---|---|---|
+| caption | `Generate the alt_text in {lang} at 0:` | the caption |
+| split_caption | `Generate the alt_text in {lang} at {k}: <first k words>` | the remaining words |
+| ocr | `Generate the ocr_text in {lang}:` | the text written in the image |
+| vqa | `Answer in {lang}: {question}` | the answer |
+| vqg | `Generate a question in {lang} for {answer}:` | the question |
+| span_corruption | (none: the input is the corrupted text, no image) | `<extra_id_0> span ...` |
+
+Templates are English with the target language code, as in PaLI (Chen et al. 2022, sec. 3.3).
+"""
+
+from __future__ import annotations
+
+TASKS: tuple[str, ...] = ("caption", "split_caption", "ocr", "vqa", "vqg", "span_corruption")
+"""Every task of the training mixture."""
+
+SERVING_TASKS: tuple[str, ...] = ("caption", "vqa", "ocr")
+"""Tasks the HTTP API exposes (plus `raw`, which takes a prompt verbatim)."""
+
+SYNTHETIC_LANGS: tuple[str, ...] = ("en", "fr", "de", "es", "ru", "ar", "hi", "zh", "ja", "ko")
+"""Languages of the synthetic corpus: Latin, Cyrillic, Arabic, Devanagari, Han, Kana and Hangul scripts."""
+
+SUPPORTED_LANGS: tuple[str, ...] = SYNTHETIC_LANGS + (
+    "it", "pt", "nl", "pl", "tr", "uk", "vi", "id", "th", "he", "fa", "bn", "ta", "sw", "el",
+    "sv", "cs", "ro", "hu", "fi", "da", "no", "ms", "ur", "te", "mr", "zh-Hant",
+)
+"""BCP-47 codes accepted in prompts: the synthetic corpus's languages plus common real-data languages."""
+
+NO_SPACE_LANGS: frozenset[str] = frozenset({"zh", "zh-Hant", "ja", "th"})
+"""Languages written without spaces between words: split-captioning counts characters for them."""
+
+
+def check_lang(lang: str) -> str:
+    """Return `lang` if supported, else raise ValueError naming it and the allowed codes."""
+    if lang not in SUPPORTED_LANGS:
+        raise ValueError(f"unsupported language {lang!r}; expected one of {list(SUPPORTED_LANGS)}")
+    return lang
+
+
+def check_task(task: str, allowed: tuple[str, ...] = TASKS) -> str:
+    """Return `task` if in `allowed`, else raise ValueError naming it and the allowed tasks."""
+    if task not in allowed:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(allowed)}")
+    return task
+
+
+def build_prompt(task: str, lang: str, question: str | None = None, position: int = 0, *,
+                 answer: str | None = None) -> str:
+    """The PaLI prompt of `task` in language `lang`.
+
+    `question` is required for vqa, `answer` for vqg; `position` is the split point (in words, or in
+    characters for languages without spaces) of split_caption; for split_caption the caller appends the
+    caption's first `position` words after the colon (see `pali.data.tasks.split_words`).
+    span_corruption has no prompt (returns "").
+    """
+    check_task(task)
+    check_lang(lang)
+    if task == "caption":
+        return f"Generate the alt_text in {lang} at 0:"
+    if task == "split_caption":
+        if position < 0:
+            raise ValueError(f"split position {position}; expected >= 0")
+        return f"Generate the alt_text in {lang} at {position}:"
+    if task == "ocr":
+        return f"Generate the ocr_text in {lang}:"
+    if task == "vqa":
+        if not question:
+            raise ValueError("task 'vqa' needs a question; got none")
+        return f"Answer in {lang}: {question}"
+    if task == "vqg":
+        if not answer:
+            raise ValueError("task 'vqg' needs an answer; got none")
+        return f"Generate a question in {lang} for {answer}:"
+    return ""
+
+
+def prompt_templates() -> list[str]:
+    """Every prompt skeleton in every supported language (text to include when training a tokenizer)."""
+    out = []
+    for lang in SUPPORTED_LANGS:
+        out += [build_prompt("caption", lang), build_prompt("split_caption", lang, position=3),
+                build_prompt("ocr", lang), build_prompt("vqa", lang, question="?"),
+                build_prompt("vqg", lang, answer="1")]
+    return out

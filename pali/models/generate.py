@@ -1,0 +1,184 @@
+"""Batched decoding for PaLI: greedy, sampling (temperature / top-k / top-p) and beam search.
+
+The encoder runs once; each decoder block's cross-attention keys/values are computed once; decoder
+self-attention keeps a KV cache so every step feeds only the newest token. Beam search follows the
+semantics of Hugging Face `generate` (top 2K continuations, finished hypotheses scored with
+sum_logprobs / length**length_penalty, its default early-stop heuristic) so outputs match on imported
+weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NEG = -1.0e9
+
+
+class DecodeState:
+    """Encoder output, its mask, per-block cross K/V and self-attention caches for K rows per example."""
+
+    def __init__(self, model, enc: torch.Tensor, enc_mask: torch.Tensor, use_cache: bool = True):
+        self.model, self.enc, self.enc_mask, self.use_cache = model, enc, enc_mask, use_cache
+        blocks = model.text.decoder.blocks
+        self.cross_kv = [b.cross_attn.project_kv(enc) for b in blocks] if use_cache else None
+        self.caches = [{} for _ in blocks] if use_cache else None
+        self.tokens: torch.Tensor | None = None  # int[R, t] decoder inputs so far (uncached path)
+
+    def step(self, last: torch.Tensor, offset: int) -> torch.Tensor:
+        """Feed the newest decoder input int[R] at position `offset`; return next-token logits float[R, V]."""
+        text = self.model.text
+        if self.use_cache:
+            h = text.decoder(text.embed(last[:, None]), None, self.enc_mask, self.caches, self.cross_kv,
+                             offset=offset)
+        else:  # recompute the whole prefix (reference path for tests)
+            self.tokens = last[:, None] if self.tokens is None else torch.cat([self.tokens, last[:, None]], 1)
+            h = text.decoder(text.embed(self.tokens), self.enc, self.enc_mask)
+        return text.logits(h[:, -1]).float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search): caches, cross K/V, encoder states and token history."""
+        if self.use_cache:
+            for c in self.caches:
+                c["k"], c["v"] = c["k"].index_select(0, index), c["v"].index_select(0, index)
+        elif self.tokens is not None:
+            self.tokens = self.tokens.index_select(0, index)
+
+
+def _check_args(max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, do_sample):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1; got {num_beams!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling; got {temperature!r}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1]; got {top_p!r}")
+    if do_sample and num_beams > 1:
+        raise ValueError("beam search with sampling is not supported; use num_beams=1 with do_sample=True")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering of float[R, V] logits (removed -> -inf)."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop_orig = torch.zeros_like(drop).scatter(1, order, drop)
+        logits = logits.masked_fill(drop_orig, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, num_beams: int = 1,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             length_penalty: float = 1.0, use_cache: bool = True, generator: torch.Generator | None = None,
+             image_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Generated target ids int[B, T] (decoder start excluded), pad after EOS, T <= max_new_tokens.
+
+    pixel_values: float[B, 3, H, W] or None (text only); input_ids / attention_mask: int[B, S].
+    """
+    _check_args(max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, do_sample)
+    was_training = model.training
+    model.eval()
+    try:
+        enc, enc_mask = model.encode(pixel_values, input_ids, attention_mask, image_mask)
+        if num_beams == 1:
+            return _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k,
+                                     top_p, use_cache, generator)
+        return _beam_search(model, enc, enc_mask, max_new_tokens, num_beams, length_penalty, use_cache)
+    finally:
+        model.train(was_training)
+
+
+def _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                      use_cache, generator) -> torch.Tensor:
+    cfg = model.cfg.text
+    b = enc.shape[0]
+    state = DecodeState(model, enc, enc_mask, use_cache)
+    last = torch.full((b,), cfg.decoder_start_token_id, dtype=torch.long, device=enc.device)
+    done = torch.zeros(b, dtype=torch.bool, device=enc.device)
+    out = []
+    for t in range(max_new_tokens):
+        logits = state.step(last, t)  # (B, V)
+        if do_sample:
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = nxt.masked_fill(done, cfg.pad_token_id)
+        out.append(nxt)
+        done |= nxt == cfg.eos_token_id
+        if bool(done.all()):
+            break
+        last = nxt
+    return torch.stack(out, dim=1)
+
+
+def _beam_search(model, enc, enc_mask, max_new_tokens, k, length_penalty, use_cache) -> torch.Tensor:
+    cfg = model.cfg.text
+    b, dev = enc.shape[0], enc.device
+    max_len = max_new_tokens + 1  # the start token counts, as in HF's max_length
+    # Every example's encoder output repeated k times: rows are (example, beam).
+    enc = enc.repeat_interleave(k, 0)
+    enc_mask = enc_mask.repeat_interleave(k, 0)
+    state = DecodeState(model, enc, enc_mask, use_cache)
+    seqs = torch.full((b, k, max_len), cfg.pad_token_id, dtype=torch.long, device=dev)
+    seqs[:, :, 0] = cfg.decoder_start_token_id
+    run_scores = torch.zeros(b, k, device=dev)
+    run_scores[:, 1:] = NEG  # all beams start identical: only the first may expand at step 0
+    run_lens = torch.ones(b, k, dtype=torch.long, device=dev)
+    fin_seqs = seqs.clone()
+    fin_scores = torch.full((b, k), NEG, device=dev)
+    fin_lens = torch.zeros(b, k, dtype=torch.long, device=dev)
+    fin_done = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    keep = 2 * k
+    top_k_mask = torch.arange(keep, device=dev) < k
+    cur = 1
+    while True:
+        logits = state.step(seqs[:, :, cur - 1].reshape(-1), cur - 1)  # (B*k, V)
+        v = logits.shape[-1]
+        logp = F.log_softmax(logits, -1).view(b, k, v) + run_scores[:, :, None]
+        cand_scores, cand = torch.topk(logp.view(b, k * v), keep)  # (B, 2k)
+        src_beam, token = cand // v, cand % v
+        cand_seqs = torch.gather(seqs, 1, src_beam[:, :, None].expand(-1, -1, max_len)).clone()
+        cand_seqs[:, :, cur] = token
+        hits = (token == cfg.eos_token_id) | (cur + 1 >= max_len)
+        # Running beams for the next step: the best k candidates that did not stop.
+        nxt = torch.topk(cand_scores + hits.float() * NEG, k).indices
+        run_scores = torch.gather(cand_scores + hits.float() * NEG, 1, nxt)
+        seqs = torch.gather(cand_seqs, 1, nxt[:, :, None].expand(-1, -1, max_len))
+        parent = torch.gather(src_beam, 1, nxt)  # (B, k)
+        # Finished hypotheses: only stops among the top k candidates count, scored with the length penalty.
+        just = hits & top_k_mask[None, :]
+        scored = cand_scores / (cur ** length_penalty)
+        scored = scored + (~improvable).float() * NEG + (~just).float() * NEG
+        m_scores = torch.cat([fin_scores, scored], 1)
+        m_seqs = torch.cat([fin_seqs, cand_seqs], 1)
+        m_lens = torch.cat([fin_lens, torch.full_like(cand, cur)], 1)
+        m_done = torch.cat([fin_done, just], 1)
+        best = torch.topk(m_scores, k).indices
+        fin_scores = torch.gather(m_scores, 1, best)
+        fin_seqs = torch.gather(m_seqs, 1, best[:, :, None].expand(-1, -1, max_len))
+        fin_lens = torch.gather(m_lens, 1, best)
+        fin_done = torch.gather(m_done, 1, best)
+        state.reorder((parent + torch.arange(b, device=dev)[:, None] * k).view(-1))
+        cur += 1
+        # HF's default (early_stopping=False) heuristic: stop when the best running beam, scored at the
+        # current length, cannot beat the worst finished hypothesis.
+        best_running = run_scores[:, :1] / ((cur - 1) ** length_penalty)
+        worst = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, NEG))
+        improvable = improvable & (best_running > worst).any(-1, keepdim=True)
+        if not bool(improvable.any()) or bool(hits.all()):
+            break
+    out_len = int(fin_lens[:, 0].max())
+    out = fin_seqs[:, 0, 1:out_len + 1]
+    return out

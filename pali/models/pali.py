@@ -1,0 +1,167 @@
+"""PaLI: a ViT whose patch tokens (no pooling) are projected and prepended to an mT5 encoder's input.
+
+Reference: Chen et al. 2022, "PaLI: A Jointly-Scaled Multilingual Language-Image Model", section 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pali.config import PaLIConfig
+from pali.models.t5 import T5
+from pali.models.vit import ViT
+
+
+@dataclass
+class PaLIOutput:
+    """Forward result."""
+
+    logits: torch.Tensor
+    """float[B, T, V] decoder logits."""
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over target tokens (labels != pad and != -100) when labels are given."""
+    num_tokens: torch.Tensor | None = None
+    """Number of target tokens the loss averaged over (for exact averaging across micro-batches)."""
+    encoder_hidden_states: torch.Tensor | None = None
+    """float[B, S, D] encoder output (visual tokens first)."""
+
+
+class PaLI(nn.Module):
+    """The two-tower vision-language model. `vision`, `projector` and `text` are its three parts."""
+
+    def __init__(self, cfg: PaLIConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = ViT(cfg.vision)
+        self.projector = nn.Linear(cfg.vision.width, cfg.text.d_model)  # visual_tokens -> d_model
+        self.text = T5(cfg.text)
+        if cfg.freeze_vision:
+            self.freeze_vision()
+
+    # --- parts ------------------------------------------------------------------------------------
+    def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower output float[B, N, D_vit] (after its final norm, before the projection)."""
+        return self.vision_tower(pixel_values)
+
+    def freeze_vision(self, frozen: bool = True) -> None:
+        """Stop (or restart) training the vision tower, as in PaLI's 224 px pretraining phase."""
+        self.cfg.freeze_vision = frozen
+        self.vision_tower.requires_grad_(not frozen)
+
+    def set_image_size(self, image_size: int) -> None:
+        """Run at a new resolution by interpolating the position embeddings (e.g. 224 -> 588 px)."""
+        self.vision_tower.set_image_size(image_size)
+
+    def encode(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states float[B, P+S, D] and their mask int[B, P+S] (P = 0 for text-only input).
+
+        image_mask: optional int[B]; 0 marks a text-only example in a mixed batch, whose visual tokens are
+        masked out of attention.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be int[B, S]; got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        x = self.text.embed(input_ids)  # (B, S, D)
+        mask = attention_mask.long()
+        if pixel_values is not None:
+            if pixel_values.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"{pixel_values.shape[0]} images for {input_ids.shape[0]} prompts; "
+                                 "expected one image per prompt")
+            visual_tokens = self.projector(self.vision(pixel_values)).to(x.dtype)  # (B, P, D)
+            vmask = torch.ones(visual_tokens.shape[:2], dtype=torch.long, device=mask.device)
+            if image_mask is not None:
+                vmask = vmask * image_mask.long().view(-1, 1)
+            x = torch.cat([visual_tokens, x], dim=1)
+            mask = torch.cat([vmask, mask], dim=1)
+        return self.text.encoder(x, mask), mask
+
+    def decode(self, decoder_input_ids: torch.Tensor, enc: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:
+        """Logits float[B, T, V] for teacher-forced decoder inputs."""
+        h = self.text.decoder(self.text.embed(decoder_input_ids), enc, enc_mask)
+        return self.text.logits(h)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> PaLIOutput:
+        """pixel_values float[B,3,H,W] | None, input_ids int[B,S], labels int[B,T] -> PaLIOutput.
+
+        Without pixel_values this is plain mT5. Labels equal to pad (0) or -100 are ignored by the loss.
+        """
+        if input_ids is None:
+            raise ValueError("input_ids is required (int[B, S] prompt tokens)")
+        enc, enc_mask = self.encode(pixel_values, input_ids, attention_mask, image_mask)
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("give decoder_input_ids or labels")
+            decoder_input_ids = self.text.shift_right(labels)
+        logits = self.decode(decoder_input_ids, enc, enc_mask)
+        out = PaLIOutput(logits=logits, encoder_hidden_states=enc)
+        if labels is not None:
+            out.loss, out.num_tokens = target_loss(logits, labels, self.cfg.text.pad_token_id)
+        return out
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        """Target token ids int[B, T] (start token excluded, pad after EOS). See `pali.models.generate`."""
+        from pali.models.generate import generate
+
+        return generate(self, pixel_values, input_ids, attention_mask, **kw)
+
+    # --- accounting -------------------------------------------------------------------------------
+    def num_parameters(self, part: str | None = None) -> int:
+        """Parameters of the whole model, or of one part: "vision", "text", "encoder", "decoder"."""
+        mod = {None: self, "vision": self.vision_tower, "text": self.text, "encoder": self.text.encoder,
+               "decoder": self.text.decoder}[part]
+        return sum(p.numel() for p in mod.parameters())
+
+    def flops_per_example(self, prompt_len: int, target_len: int, training: bool = True) -> float:
+        """FLOPs of one example; see `flops_per_example`."""
+        return flops_per_example(self.cfg, prompt_len, target_len, training)
+
+    def estimate_mfu(self, examples_per_s: float, prompt_len: int, target_len: int, peak_flops: float) -> float:
+        """Model FLOPs utilisation of a training run at examples_per_s against a hardware peak."""
+        return self.flops_per_example(prompt_len, target_len) * examples_per_s / peak_flops
+
+
+def target_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token cross-entropy over real targets (labels not pad and not -100), and their count."""
+    labels = labels.masked_fill(labels == pad_id, -100)
+    n = (labels != -100).sum()
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           reduction="sum") / n.clamp(min=1)
+    return loss, n
+
+
+def flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, training: bool = True) -> float:
+    """Training FLOPs of one example (DESIGN.md): 6*N*tokens for the matmuls plus 12*L*d*len^2 attention.
+
+    P patches, S = P + prompt tokens, T target tokens. Inference (`training=False`) is a third of it.
+    Parameter counts exclude embeddings (no matmul) but include the output head via 6*d*V*T.
+    """
+    v, t = cfg.vision, cfg.text
+    p = v.num_tokens
+    s = p + prompt_len
+    n_vit = v.depth * (4 * v.width * v.width + 2 * v.width * v.mlp_dim)
+    ff = (3 if t.feed_forward_proj == "gated-gelu" else 2) * t.d_model * t.d_ff
+    attn = 4 * t.d_model * t.inner_dim
+    n_enc = t.num_layers * (attn + ff)
+    n_dec = t.num_decoder_layers * (2 * attn + ff)
+    n_proj = v.width * t.d_model
+    total = (6 * n_vit * p + 12 * v.depth * v.width * p * p
+             + 6 * n_proj * p
+             + 6 * n_enc * s + 12 * t.num_layers * t.inner_dim * s * s
+             + 6 * n_dec * target_len + 12 * t.num_decoder_layers * t.inner_dim * (target_len ** 2 + target_len * s)
+             + 6 * t.d_model * t.vocab_size * target_len)
+    return float(total if training else total / 3)

@@ -1,0 +1,127 @@
+"""Vision Transformer tower (original ViT and SigLIP layouts) in plain PyTorch.
+
+Reference: Dosovitskiy et al. 2021 (ViT), Zhai et al. 2022 (scaling ViT: G/14), Zhai et al. 2023 (SigLIP).
+Patch convolution, learned position embeddings, pre-LN blocks, final LayerNorm. No pooling: PaLI reads
+every output token. The optional class token exists only so Hugging Face `ViTModel` checkpoints import
+exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pali.config import VisionConfig
+
+
+class ViTAttention(nn.Module):
+    """Multi-head self-attention with biases and 1/sqrt(d) scaling."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.width % cfg.num_heads:
+            raise ValueError(f"vision width {cfg.width} is not divisible by num_heads {cfg.num_heads}")
+        self.head_dim = cfg.width // cfg.num_heads
+        self.q = nn.Linear(cfg.width, cfg.width)
+        self.k = nn.Linear(cfg.width, cfg.width)
+        self.v = nn.Linear(cfg.width, cfg.width)
+        self.o = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, -1, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
+                   for t in (self.q(x), self.k(x), self.v(x)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class ViTMLP(nn.Module):
+    """fc2(gelu(fc1 x))."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = ViTAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = ViTMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """ViT encoder: pixels float[B, C, H, W] -> tokens float[B, N, width] (after the final norm)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(cfg.channels, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        """Raise a ValueError naming the expected shape when the images do not fit this tower."""
+        c, s = self.cfg.channels, self.cfg.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (c, s, s):
+            got = "x".join(str(d) for d in pixel_values.shape[1:]) if pixel_values.dim() == 4 \
+                else f"a {pixel_values.dim()}-D tensor"
+            raise ValueError(f"image is {got}; expected {c}x{s}x{s} (float[B, {c}, {s}, {s}]). "
+                             f"Use model.set_image_size(n) to run at another resolution.")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.check_pixels(pixel_values)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, W, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, W)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)
+
+    @torch.no_grad()
+    def set_image_size(self, image_size: int) -> None:
+        """Resize the learned position embeddings (bicubic over the patch grid) for a new resolution.
+
+        This is how a 224 px checkpoint continues at 448 or 588 px (PaLI's high-resolution phase).
+        """
+        if image_size % self.cfg.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {self.cfg.patch_size}")
+        self.pos_embed = nn.Parameter(interpolate_pos_embed(self.pos_embed.data, self.cfg.class_token,
+                                                            image_size // self.cfg.patch_size),
+                                      requires_grad=self.pos_embed.requires_grad)
+        self.cfg.image_size = image_size
+
+
+def interpolate_pos_embed(pos: torch.Tensor, class_token: bool, new_grid: int) -> torch.Tensor:
+    """Bicubic resize of position embeddings float[1, N(+1), W] to a new_grid x new_grid patch grid."""
+    extra = pos[:, :1] if class_token else pos[:, :0]
+    grid = pos[:, 1:] if class_token else pos
+    old = int(math.isqrt(grid.shape[1]))
+    if old * old != grid.shape[1]:
+        raise ValueError(f"position embeddings hold {grid.shape[1]} patches; expected a square grid")
+    if old == new_grid:
+        return pos.clone()
+    g = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    g = F.interpolate(g, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    g = g.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos.dtype)
+    return torch.cat([extra, g], dim=1)
