@@ -94,6 +94,7 @@ class Tokenizer:
         if not sentences:
             raise ValueError("Tokenizer.train got no non-empty text; expected an iterable of strings")
         proto = io.BytesIO()
+        spm.set_random_generator_seed(seed)  # sentence sampling/shuffling is seeded globally
         spm.SentencePieceTrainer.Train(
             sentence_iterator=iter(sentences),
             model_writer=proto,
@@ -102,6 +103,7 @@ class Tokenizer:
             hard_vocab_limit=False,
             byte_fallback=True,
             character_coverage=0.9995,
+            normalization_rule_name="identity",  # exact round trips (mT5 itself uses nmt_nfkc)
             pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
             pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
             user_defined_symbols=[f"<extra_id_{i}>" for i in range(num_sentinels)],
@@ -109,7 +111,6 @@ class Tokenizer:
             shuffle_input_sentence=True,
             max_sentence_length=4096,
             num_threads=max(1, min(4, os.cpu_count() or 1)),
-            random_seed=seed,
             minloglevel=2,
         )
         tok = cls(proto.getvalue())
@@ -222,15 +223,22 @@ class Tokenizer:
                 continue
             if i in self._sentinel_piece and self._virtual:
                 if run:
-                    out.append(self._sp.DecodeIds(run))
+                    out.append(self._decode_run(run, bool(out)))
                     run = []
                 out.append(self._sentinel_piece[i])
             elif i < self._pieces:
                 run.append(i)
             # ids past the vocabulary (an untrained model's output over a padded embedding) are dropped
         if run:
-            out.append(self._sp.DecodeIds(run))
+            out.append(self._decode_run(run, bool(out)))
         return "".join(out)
+
+    def _decode_run(self, run: list[int], after_sentinel: bool) -> str:
+        text = self._sp.DecodeIds(run)
+        # sentencepiece drops the leading word-boundary space; after a virtual sentinel it is real text
+        if after_sentinel and self._sp.IdToPiece(run[0]).startswith("\u2581"):
+            text = " " + text
+        return text
 
     def decode_batch(self, batch: Any) -> list[str]:
         """`decode` over a list of id lists or a 2-D array/tensor."""

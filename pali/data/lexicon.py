@@ -64,9 +64,9 @@ class Grammar:
 class En(Grammar):
     code = "en"
     ocr_words = ("stop", "open", "exit", "taxi", "hotel", "cafe")
-    sg = dict(zip(SHAPES, ("circle", "square", "triangle", "star", "heart", "diamond")))
+    sg = dict(zip(SHAPES, ("circle", "square", "triangle", "star", "heart", "diamond"), strict=True))
     pl = {k: v + "s" for k, v in sg.items()}
-    col = dict(zip(COLOURS, ("red", "green", "blue", "yellow", "purple", "orange")))
+    col = dict(zip(COLOURS, ("red", "green", "blue", "yellow", "purple", "orange"), strict=True))
     num = {2: "two", 3: "three"}
 
     def np(self, g):
@@ -99,12 +99,12 @@ class Fr(Grammar):
     # (singular, plural, gender)
     nouns = dict(zip(SHAPES, (("cercle", "cercles", "m"), ("carré", "carrés", "m"),
                               ("triangle", "triangles", "m"), ("étoile", "étoiles", "f"),
-                              ("cœur", "cœurs", "m"), ("losange", "losanges", "m"))))
+                              ("cœur", "cœurs", "m"), ("losange", "losanges", "m")), strict=True))
     # (m sg, f sg, m pl, f pl); "orange" is invariable
     adj = dict(zip(COLOURS, (("rouge", "rouge", "rouges", "rouges"), ("vert", "verte", "verts", "vertes"),
                              ("bleu", "bleue", "bleus", "bleues"), ("jaune", "jaune", "jaunes", "jaunes"),
                              ("violet", "violette", "violets", "violettes"),
-                             ("orange", "orange", "orange", "orange"))))
+                             ("orange", "orange", "orange", "orange")), strict=True))
 
     def np(self, g):
         sg, pl, gen = self.nouns[g.shape]
@@ -139,10 +139,10 @@ class De(Grammar):
     ocr_words = ("Ausgang", "offen", "Halt", "Café", "Hotel", "Taxi")
     nouns = dict(zip(SHAPES, (("Kreis", "Kreise", "m"), ("Quadrat", "Quadrate", "n"),
                               ("Dreieck", "Dreiecke", "n"), ("Stern", "Sterne", "m"),
-                              ("Herz", "Herzen", "n"), ("Raute", "Rauten", "f"))))
+                              ("Herz", "Herzen", "n"), ("Raute", "Rauten", "f")), strict=True))
     # (attributive stem, predicative form)
     adj = dict(zip(COLOURS, (("rot", "rot"), ("grün", "grün"), ("blau", "blau"), ("gelb", "gelb"),
-                             ("violett", "violett"), ("orangefarben", "orange"))))
+                             ("violett", "violett"), ("orangefarben", "orange")), strict=True))
     art = {"m": ("ein", "er", "der"), "n": ("ein", "es", "das"), "f": ("eine", "e", "die")}
 
     def np(self, g):
@@ -178,12 +178,12 @@ class Es(Grammar):
     ocr_words = ("salida", "abierto", "alto", "café", "hotel", "taxi")
     nouns = dict(zip(SHAPES, (("círculo", "círculos", "m"), ("cuadrado", "cuadrados", "m"),
                               ("triángulo", "triángulos", "m"), ("estrella", "estrellas", "f"),
-                              ("corazón", "corazones", "m"), ("rombo", "rombos", "m"))))
+                              ("corazón", "corazones", "m"), ("rombo", "rombos", "m")), strict=True))
     adj = dict(zip(COLOURS, (("rojo", "roja", "rojos", "rojas"), ("verde", "verde", "verdes", "verdes"),
                              ("azul", "azul", "azules", "azules"),
                              ("amarillo", "amarilla", "amarillos", "amarillas"),
                              ("morado", "morada", "morados", "moradas"),
-                             ("naranja", "naranja", "naranja", "naranja"))))
+                             ("naranja", "naranja", "naranja", "naranja")), strict=True))
 
     def np(self, g):
         sg, pl, gen = self.nouns[g.shape]
@@ -222,7 +222,7 @@ class Ru(Grammar):
                               ("треугольник", "треугольника", "треугольники", "треугольников", "m"),
                               ("звезда", "звезды", "звёзды", "звёзд", "f"),
                               ("сердце", "сердца", "сердца", "сердец", "n"),
-                              ("ромб", "ромба", "ромбы", "ромбов", "m"))))
+                              ("ромб", "ромба", "ромбы", "ромбов", "m")), strict=True))
     # (m sg, f sg, n sg, nom pl, gen pl)
     adj = dict(zip(COLOURS, (
         ("красный", "красная", "красное", "красные", "красных"),
@@ -230,7 +230,7 @@ class Ru(Grammar):
         ("синий", "синяя", "синее", "синие", "синих"),
         ("жёлтый", "жёлтая", "жёлтое", "жёлтые", "жёлтых"),
         ("фиолетовый", "фиолетовая", "фиолетовое", "фиолетовые", "фиолетовых"),
-        ("оранжевый", "оранжевая", "оранжевое", "оранжевые", "оранжевых"))))
+        ("оранжевый", "оранжевая", "оранжевое", "оранжевые", "оранжевых")), strict=True))
 
     def np(self, g):
         nom, gen_sg, _, _, gender = self.nouns[g.shape]
@@ -262,18 +262,21 @@ class Ar(Grammar):
     code = "ar"
     conj = " و"  # the conjunction is written attached to the next word
     ocr_words = ("خروج", "مفتوح", "قف", "مقهى", "فندق", "تاكسي")
-    # (singular, dual nominative, plural, gender)
-    nouns = dict(zip(SHAPES, (("دائرة", "دائرتان", "دوائر", "f"), ("مربع", "مربعان", "مربعات", "m"),
-                              ("مثلث", "مثلثان", "مثلثات", "m"), ("نجمة", "نجمتان", "نجوم", "f"),
-                              ("قلب", "قلبان", "قلوب", "m"), ("معين", "معينان", "معينات", "m"))))
+    # (singular, dual nominative, plural, gender, dual genitive)
+    nouns = dict(zip(SHAPES, (("دائرة", "دائرتان", "دوائر", "f", "دائرتين"),
+                              ("مربع", "مربعان", "مربعات", "m", "مربعين"),
+                              ("مثلث", "مثلثان", "مثلثات", "m", "مثلثين"),
+                              ("نجمة", "نجمتان", "نجوم", "f", "نجمتين"),
+                              ("قلب", "قلبان", "قلوب", "m", "قلبين"),
+                              ("معين", "معينان", "معينات", "m", "معينين")), strict=True))
     # (m sg, f sg, m dual, f dual); non-human plurals take the feminine singular
     adj = dict(zip(COLOURS, (("أحمر", "حمراء", "أحمران", "حمراوان"), ("أخضر", "خضراء", "أخضران", "خضراوان"),
                              ("أزرق", "زرقاء", "أزرقان", "زرقاوان"), ("أصفر", "صفراء", "أصفران", "صفراوان"),
                              ("بنفسجي", "بنفسجية", "بنفسجيان", "بنفسجيتان"),
-                             ("برتقالي", "برتقالية", "برتقاليان", "برتقاليتان"))))
+                             ("برتقالي", "برتقالية", "برتقاليان", "برتقاليتان")), strict=True))
 
     def np(self, g):
-        sg, dual, pl, gen = self.nouns[g.shape]
+        sg, dual, pl, gen, _ = self.nouns[g.shape]
         a = self.adj[g.colour]
         f = gen == "f"
         if g.count == 1:
@@ -287,8 +290,8 @@ class Ar(Grammar):
         return f"ما عدد ال{self.nouns[shape][2]} في الصورة؟"
 
     def q_colour(self, shape, count):
-        n = self.nouns[shape]
-        return f"ما لون ال{n[0] if count == 1 else n[2]}؟"
+        n = self.nouns[shape]  # the noun is the genitive of an idafa: singular, dual or plural
+        return f"ما لون ال{n[0] if count == 1 else n[4] if count == 2 else n[2]}؟"
 
     def q_shape(self, colour):
         return f"ما الشكل ال{self.adj[colour][0]}؟"
@@ -306,11 +309,11 @@ class Hi(Grammar):
     ocr_words = ("निकास", "खुला", "रुको", "होटल", "टैक्सी", "चाय")
     # (singular, plural); all masculine
     nouns = dict(zip(SHAPES, (("वृत्त", "वृत्त"), ("वर्ग", "वर्ग"), ("त्रिभुज", "त्रिभुज"),
-                              ("तारा", "तारे"), ("दिल", "दिल"), ("हीरा", "हीरे"))))
+                              ("तारा", "तारे"), ("दिल", "दिल"), ("हीरा", "हीरे")), strict=True))
     # (m sg, m pl, f); -ā adjectives inflect, the others are invariable
     adj = dict(zip(COLOURS, (("लाल", "लाल", "लाल"), ("हरा", "हरे", "हरी"), ("नीला", "नीले", "नीली"),
                              ("पीला", "पीले", "पीली"), ("बैंगनी", "बैंगनी", "बैंगनी"),
-                             ("नारंगी", "नारंगी", "नारंगी"))))
+                             ("नारंगी", "नारंगी", "नारंगी")), strict=True))
     num = {1: "एक", 2: "दो", 3: "तीन"}
 
     def np(self, g):
@@ -341,8 +344,8 @@ class Zh(Grammar):
     code = "zh"
     conj = "和"
     ocr_words = ("出口", "营业", "停", "咖啡", "酒店", "出租车")
-    nouns = dict(zip(SHAPES, ("圆形", "正方形", "三角形", "星形", "心形", "菱形")))
-    col = dict(zip(COLOURS, ("红色", "绿色", "蓝色", "黄色", "紫色", "橙色")))
+    nouns = dict(zip(SHAPES, ("圆形", "正方形", "三角形", "星形", "心形", "菱形"), strict=True))
+    col = dict(zip(COLOURS, ("红色", "绿色", "蓝色", "黄色", "紫色", "橙色"), strict=True))
     num = {1: "一", 2: "两", 3: "三"}
 
     def np(self, g):
@@ -368,10 +371,10 @@ class Ja(Grammar):
     code = "ja"
     conj = "と"
     ocr_words = ("出口", "営業中", "止まれ", "カフェ", "ホテル", "タクシー")
-    nouns = dict(zip(SHAPES, ("円", "四角形", "三角形", "星", "ハート", "ひし形")))
+    nouns = dict(zip(SHAPES, ("円", "四角形", "三角形", "星", "ハート", "ひし形"), strict=True))
     # (attributive form, noun form)
     col = dict(zip(COLOURS, (("赤い", "赤"), ("緑の", "緑"), ("青い", "青"), ("黄色い", "黄色"),
-                             ("紫の", "紫"), ("オレンジ色の", "オレンジ"))))
+                             ("紫の", "紫"), ("オレンジ色の", "オレンジ")), strict=True))
     num = {1: "一つ", 2: "二つ", 3: "三つ"}
 
     def np(self, g):
@@ -399,10 +402,10 @@ class Ko(Grammar):
     ocr_words = ("출구", "영업중", "정지", "카페", "호텔", "택시")
     # (noun, topic particle chosen by the final consonant)
     nouns = dict(zip(SHAPES, (("원", "은"), ("정사각형", "은"), ("삼각형", "은"), ("별", "은"),
-                              ("하트", "는"), ("마름모", "는"))))
+                              ("하트", "는"), ("마름모", "는")), strict=True))
     # (attributive form, noun form)
     col = dict(zip(COLOURS, (("빨간", "빨간색"), ("초록색", "초록색"), ("파란", "파란색"),
-                             ("노란", "노란색"), ("보라색", "보라색"), ("주황색", "주황색"))))
+                             ("노란", "노란색"), ("보라색", "보라색"), ("주황색", "주황색")), strict=True))
     num = {1: "한", 2: "두", 3: "세"}
 
     def np(self, g):

@@ -50,7 +50,7 @@ def _ref_streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
 
 
 def bleu4(predictions: Sequence[str], references: Sequence[Sequence[str]], lang: str) -> tuple[float, str]:
-    """Corpus BLEU-4 (0-100) via sacrebleu, lower-cased, tokenizer from the language; returns (score, signature)."""
+    """Corpus BLEU-4 (0-100) via sacrebleu, lower-cased, tokenizer by language; returns (score, signature)."""
     metric = BLEU(tokenize=sacrebleu_tokenizer(lang), lowercase=True)
     score = metric.corpus_score(list(predictions), _ref_streams(references)).score
     return float(score), str(metric.get_signature())
@@ -63,7 +63,8 @@ def chrf(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tup
     return float(score), str(metric.get_signature())
 
 
-def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]], lang: str) -> dict[str, float]:
+def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]],
+                    lang: str) -> dict[str, float]:
     """CIDEr-D (x100), BLEU-4 and chrF of one language's captions."""
     hyps = [tokenize_caption(p, lang) for p in predictions]
     refs = [[tokenize_caption(r, lang) for r in rs] for rs in references]

@@ -29,13 +29,13 @@ def _is_punct(ch: str) -> bool:
 
 
 def tokenize_caption(text: str, lang: str) -> list[str]:
-    """Caption tokens for CIDEr: lower-cased, punctuation dropped, NFKC-normalised.
+    """Caption tokens for CIDEr: lower-cased, punctuation dropped, NFC-normalised.
 
     Space-delimited languages: punctuation becomes a space, then whitespace splits words
     ("A dog, running." -> ["a", "dog", "running"]). zh / ja / th: punctuation and whitespace are
     dropped and every remaining character is a token ("一只狗。" -> ["一", "只", "狗"]).
     """
-    text = unicodedata.normalize("NFKC", text).lower()
+    text = unicodedata.normalize("NFC", text).lower()
     if is_char_lang(lang):
         return [ch for ch in text if not ch.isspace() and not _is_punct(ch)]
     return "".join(" " if _is_punct(ch) else ch for ch in text).split()

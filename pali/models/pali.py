@@ -148,20 +148,26 @@ def flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, trainin
     """Training FLOPs of one example (DESIGN.md): 6*N*tokens for the matmuls plus 12*L*d*len^2 attention.
 
     P patches, S = P + prompt tokens, T target tokens. Inference (`training=False`) is a third of it.
-    Parameter counts exclude embeddings (no matmul) but include the output head via 6*d*V*T.
+    Parameter counts exclude embeddings (no matmul) but include the patch embedding and the output head
+    (6*d*V*T). The decoder's cross-attention keys/values are projections of the S encoder states, so
+    they are counted over S, not T (2*d*inner per layer and token); this matters when S >> T.
+    Checked against `torch.utils.flop_counter.FlopCounterMode` in tests/models/test_pali.py.
     """
     v, t = cfg.vision, cfg.text
     p = v.num_tokens
     s = p + prompt_len
+    n_patch = v.channels * v.patch_size ** 2 * v.width
     n_vit = v.depth * (4 * v.width * v.width + 2 * v.width * v.mlp_dim)
     ff = (3 if t.feed_forward_proj == "gated-gelu" else 2) * t.d_model * t.d_ff
     attn = 4 * t.d_model * t.inner_dim
+    cross_kv = 2 * t.d_model * t.inner_dim
     n_enc = t.num_layers * (attn + ff)
-    n_dec = t.num_decoder_layers * (2 * attn + ff)
+    n_dec = t.num_decoder_layers * (2 * attn - cross_kv + ff)
     n_proj = v.width * t.d_model
-    total = (6 * n_vit * p + 12 * v.depth * v.width * p * p
+    total = (6 * n_patch * v.num_patches + 6 * n_vit * p + 12 * v.depth * v.width * p * p
              + 6 * n_proj * p
              + 6 * n_enc * s + 12 * t.num_layers * t.inner_dim * s * s
-             + 6 * n_dec * target_len + 12 * t.num_decoder_layers * t.inner_dim * (target_len ** 2 + target_len * s)
+             + 6 * n_dec * target_len + 6 * t.num_decoder_layers * cross_kv * s
+             + 12 * t.num_decoder_layers * t.inner_dim * (target_len ** 2 + target_len * s)
              + 6 * t.d_model * t.vocab_size * target_len)
     return float(total if training else total / 3)

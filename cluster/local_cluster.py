@@ -1,0 +1,569 @@
+"""A local multi-node Ray cluster on one machine, for multi-node and elastic tests.
+
+Every node is a real `ray start --block` process (its own raylet, object store, agents), so the
+cluster behaves like several machines that happen to share one host: tasks can be pinned to a node
+through its custom resource `node:<name>` (`node:head`, `node:worker-1`, ...), and a node can leave
+(`remove_node`, gracefully or by SIGKILL) to exercise fault tolerance and elastic resizing.
+
+Isolation from any other Ray instance on the machine (the test session's `ray.init`, other users):
+the cluster has its own temp dir (so `ray_current_cluster` is written there, never to /tmp/ray, and a
+plain `ray.init()` elsewhere never attaches to it), its own free ports, and each of its processes
+carries the environment marker `PALI_LOCAL_CLUSTER_NODE=<dir>:<node>`, so stopping a node signals
+exactly that node's processes (never `ray stop`, which kills every Ray process on the host).
+This module never calls `ray.init`; connect a driver from another process (see `run_driver`).
+
+CLI::
+
+    python -m cluster.local_cluster up --workers 2 --cpus-per-node 4 [--dashboard]
+    python -m cluster.local_cluster status
+    python -m cluster.local_cluster add-node --cpus 2
+    python -m cluster.local_cluster remove-node worker-1 [--kill]
+    python -m cluster.local_cluster down
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = "/tmp/pali-lc"
+"""Where the CLI keeps its cluster (Ray temp dir, logs, state.json). Short: Unix sockets live below it."""
+MARKER_ENV = "PALI_LOCAL_CLUSTER_NODE"
+"""Environment variable inherited by every process of a node; its value is `<dir>:<node name>`."""
+BASE_ENV = {
+    # Loopback-only cluster: no token auth, no usage stats, no thread oversubscription on 2 cores.
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+_STARTED_MARK = "Ray runtime started."
+_NODE_RESOURCE = re.compile(r"^node:(head|worker-\d+)$")
+_MAX_SOCKET_DIR = 40  # AF_UNIX paths are limited to 107 bytes; Ray adds ~60 below the temp dir.
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on this machine right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalNode:
+    """One node of a `LocalCluster`: a `ray start --block` process and everything it spawned."""
+
+    name: str
+    """Node name: `head` or `worker-<k>` (k counts up and is never reused)."""
+    pid: int
+    """Pid of the `ray start --block` process (leader of its own session)."""
+    num_cpus: int
+    """Logical CPUs the node advertises (`--num-cpus`)."""
+    resources: dict[str, float]
+    """Custom resources (`--resources`), always including `node:<name>: 1`."""
+    log_path: str
+    """File holding the `ray start` output of this node."""
+    is_head: bool = False
+    """Whether this is the head node (GCS, dashboard, job server)."""
+
+    @property
+    def resource_name(self) -> str:
+        """The custom resource that pins a task to this node, e.g. `node:worker-1`."""
+        return f"node:{self.name}"
+
+    def is_running(self) -> bool:
+        """Whether the node's `ray start` process still exists (and is not a zombie)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().split(") ", 1)[1][0] != "Z"
+        except (FileNotFoundError, IndexError, ProcessLookupError):
+            return False
+
+
+@dataclass
+class _State:
+    """What `state.json` holds, so `down`/`status` work from another process."""
+
+    dir: str
+    address: str
+    dashboard_url: str | None
+    next_worker: int
+    nodes: list[LocalNode] = field(default_factory=list)
+
+
+class LocalCluster:
+    """A head plus `num_workers` worker nodes on this machine, each a separate Ray node.
+
+    Example::
+
+        with LocalCluster(num_workers=2, cpus_per_node=4) as cluster:
+            run_driver(cluster.address, "import ray; ray.init(); print(ray.nodes())")
+            cluster.remove_node(0)          # worker-1 leaves
+            cluster.add_node()              # worker-3 joins
+
+    Args:
+        num_workers: worker nodes started besides the head.
+        cpus_per_node: logical CPUs of each worker (and of the head unless `head_cpus` is given).
+        head_cpus: logical CPUs of the head; 0 keeps tasks off the head.
+        include_dashboard: start the dashboard and job server (needed by `ray job submit`).
+        object_store_mb: object store size per node in MiB (Ray's minimum is 75).
+        dir: directory for Ray's temp files, logs and state.json; a fresh `/tmp/plc-*` if None.
+        startup_timeout_s: how long a node may take to start and register.
+        env: extra environment variables for every node process (and so for every task).
+        keep_dir: keep `dir` (logs) after `shutdown`.
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        cpus_per_node: int = 4,
+        *,
+        head_cpus: int | None = None,
+        include_dashboard: bool = False,
+        object_store_mb: int = 100,
+        dir: str | None = None,
+        startup_timeout_s: float = 120.0,
+        env: dict[str, str] | None = None,
+        keep_dir: bool = False,
+    ) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers is {num_workers}; expected >= 0")
+        if cpus_per_node < 0 or (head_cpus is not None and head_cpus < 0):
+            raise ValueError(f"cpus_per_node={cpus_per_node}, head_cpus={head_cpus}; expected >= 0")
+        if object_store_mb < 75:
+            raise ValueError(f"object_store_mb is {object_store_mb}; expected >= 75 (Ray's minimum)")
+        if dir is not None and len(os.path.abspath(dir)) > _MAX_SOCKET_DIR:
+            raise ValueError(f"dir {dir!r} is longer than {_MAX_SOCKET_DIR} characters; "
+                             "Ray's Unix socket paths below it would exceed the OS limit")
+        self.num_workers = num_workers
+        self.cpus_per_node = cpus_per_node
+        self.head_cpus = cpus_per_node if head_cpus is None else head_cpus
+        self.include_dashboard = include_dashboard
+        self.object_store_mb = object_store_mb
+        self.startup_timeout_s = startup_timeout_s
+        self.env = dict(env or {})
+        self.keep_dir = keep_dir
+        self._requested_dir = dir
+        self.dir: str | None = None
+        self.address: str | None = None
+        """GCS address `ip:port` (for `ray.init(address=...)` and `ray start --address`)."""
+        self.dashboard_url: str | None = None
+        """`http://127.0.0.1:<port>` of the dashboard / job server, if `include_dashboard`."""
+        self.nodes: list[LocalNode] = []
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._next_worker = 1
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> LocalCluster:
+        """Start the head and the worker nodes; return when every node is registered and alive."""
+        if self.nodes:
+            raise RuntimeError(f"cluster in {self.dir} is already started")
+        if self._requested_dir is None:
+            self.dir = tempfile.mkdtemp(prefix="plc-", dir="/tmp")
+        else:
+            self.dir = os.path.abspath(self._requested_dir)
+            if os.path.exists(os.path.join(self.dir, "state.json")):
+                raise RuntimeError(f"{self.dir} already holds a cluster (state.json); "
+                                   "run `python -m cluster.local_cluster down` first")
+            os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
+        try:
+            self._start_head()
+            if self.num_workers:
+                self.add_nodes(self.num_workers)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def __enter__(self) -> LocalCluster:
+        return self.start() if not self.nodes else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop every node (workers first, then the head) and remove the cluster dir."""
+        for node in [n for n in self.nodes if not n.is_head] + [n for n in self.nodes if n.is_head]:
+            self._stop_node(node, graceful=True)
+        self.nodes.clear()
+        if self.dir and not self.keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        elif self.dir and os.path.exists(os.path.join(self.dir, "state.json")):
+            os.remove(os.path.join(self.dir, "state.json"))
+
+    # ------------------------------------------------------------------ nodes
+    @property
+    def head(self) -> LocalNode:
+        """The head node."""
+        for node in self.nodes:
+            if node.is_head:
+                return node
+        raise RuntimeError("cluster has no head node (not started or shut down)")
+
+    @property
+    def workers(self) -> list[LocalNode]:
+        """Worker nodes in the order they joined."""
+        return [n for n in self.nodes if not n.is_head]
+
+    def add_node(self, num_cpus: int | None = None, resources: dict[str, float] | None = None) -> LocalNode:
+        """Start one more worker node (`worker-<k>`) and wait until it is registered."""
+        return self.add_nodes(1, num_cpus=num_cpus, resources=resources)[0]
+
+    def add_nodes(self, count: int, num_cpus: int | None = None,
+                  resources: dict[str, float] | None = None) -> list[LocalNode]:
+        """Start `count` worker nodes one after the other and wait until each is registered.
+
+        Sequential on purpose: on a 2-core machine parallel boots push a raylet past Ray's fixed
+        30 s registration wait. A node that fails to boot is retried once.
+        """
+        if self.address is None:
+            raise RuntimeError("start the cluster before adding nodes")
+        new = []
+        for _ in range(count):
+            name = f"worker-{self._next_worker}"
+            self._next_worker += 1
+            cpus = self.cpus_per_node if num_cpus is None else num_cpus
+            for attempt in range(2):
+                # One log monitor per machine (the head's) already tails every node's worker logs.
+                args = ["--address", self.address, "--dashboard-agent-listen-port", str(free_port()),
+                        "--include-log-monitor", "false"]
+                node = self._launch(name, cpus, resources, args, is_head=False)
+                try:
+                    self._wait_started(node)
+                    self._wait_registered([name])
+                    break
+                except (RuntimeError, TimeoutError):
+                    self._stop_node(node, graceful=False)
+                    self.nodes.remove(node)
+                    if attempt == 1:
+                        raise
+            new.append(node)
+            self._save()
+        return new
+
+    def remove_node(self, node: int | str | LocalNode, graceful: bool = True,
+                    wait_s: float = 30.0) -> LocalNode:
+        """Take a worker node out of the cluster, like a machine leaving.
+
+        Args:
+            node: index into `workers`, a node name (`"worker-1"`) or the node itself.
+            graceful: SIGTERM (the node deregisters at once) if True; SIGKILL of all its processes
+                (a crash: the GCS notices after its health-check timeout) if False.
+            wait_s: how long to wait for the GCS to mark the node dead (0: do not wait).
+        """
+        target = self._resolve(node)
+        if target.is_head:
+            raise ValueError("cannot remove the head node; use shutdown()")
+        node_id = self._node_ids().get(target.name)
+        self._stop_node(target, graceful=graceful)
+        self.nodes.remove(target)
+        self._save()
+        if wait_s and node_id:
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if not any(n["node_id"] == node_id and n["alive"] for n in self.node_table()):
+                    break
+                time.sleep(0.3)
+            else:
+                raise TimeoutError(f"GCS still lists {target.name} ({node_id}) alive after {wait_s}s")
+        return target
+
+    def node_table(self) -> list[dict[str, Any]]:
+        """Every node the GCS knows: `{name, node_id, alive, address, resources}` (dead ones too)."""
+        import ray._raylet
+
+        client = ray._raylet.GcsClient(address=self.address)
+        rows = []
+        for node_id, info in client.get_all_node_info(timeout=10).items():
+            resources = dict(info.resources_total)
+            names = [m.group(1) for m in map(_NODE_RESOURCE.match, resources) if m]
+            rows.append({
+                "name": names[0] if names else None,
+                "node_id": node_id.hex() if hasattr(node_id, "hex") else str(node_id),
+                "alive": info.state == 0,  # GcsNodeInfo.ALIVE
+                "address": info.node_manager_address,
+                "resources": {k: v for k, v in resources.items() if not k.startswith("node:__")},
+            })
+        return rows
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 60.0) -> None:
+        """Block until exactly `count` nodes are alive according to the GCS."""
+        deadline = time.monotonic() + timeout_s
+        alive = -1
+        while time.monotonic() < deadline:
+            alive = sum(n["alive"] for n in self.node_table())
+            if alive == count:
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{alive} nodes alive after {timeout_s}s; expected {count}")
+
+    # ------------------------------------------------------------------ CLI state
+    @classmethod
+    def attach(cls, dir: str = DEFAULT_DIR) -> LocalCluster:
+        """Rebuild a handle on a cluster started by another process (from `<dir>/state.json`)."""
+        path = os.path.join(dir, "state.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no local cluster in {dir} ({path} is missing); start one with `up`")
+        raw = json.loads(Path(path).read_text())
+        nodes = [LocalNode(**n) for n in raw.pop("nodes")]
+        state = _State(nodes=nodes, **raw)
+        cluster = cls(num_workers=len(nodes) - 1, dir=state.dir, keep_dir=False)
+        cluster.dir, cluster.address, cluster.dashboard_url = state.dir, state.address, state.dashboard_url
+        cluster.include_dashboard = state.dashboard_url is not None
+        cluster.nodes, cluster._next_worker = nodes, state.next_worker
+        return cluster
+
+    def _save(self) -> None:
+        state = _State(self.dir, self.address, self.dashboard_url, self._next_worker, self.nodes)
+        tmp = os.path.join(self.dir, "state.json.tmp")
+        Path(tmp).write_text(json.dumps(asdict(state), indent=1))
+        os.replace(tmp, os.path.join(self.dir, "state.json"))
+
+    # ------------------------------------------------------------------ internals
+    def _start_head(self) -> None:
+        port, dash_port = free_port(), free_port()
+        args = [
+            "--head", "--port", str(port), "--temp-dir", os.path.join(self.dir, "ray"),
+            "--include-dashboard", "true" if self.include_dashboard else "false",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+            "--ray-client-server-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()),
+        ]
+        head = self._launch("head", self.head_cpus, None, args, is_head=True)
+        self._wait_started(head)
+        address_file = os.path.join(self.dir, "ray", "ray_current_cluster")
+        self.address = Path(address_file).read_text().strip()
+        self._wait_registered(["head"])
+        if self.include_dashboard:
+            self.dashboard_url = f"http://127.0.0.1:{dash_port}"
+            self._wait_http(self.dashboard_url + "/api/version")
+        self._save()
+
+    def _launch(self, name: str, num_cpus: int, resources: dict[str, float] | None,
+                extra: list[str], is_head: bool) -> LocalNode:
+        res = {f"node:{name}": 1.0, **(resources or {})}
+        log_path = os.path.join(self.dir, "logs", f"{name}.out")
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+            "--num-cpus", str(num_cpus), "--num-gpus", "0", "--resources", json.dumps(res),
+            "--object-store-memory", str(self.object_store_mb * 1024 * 1024),
+            "--min-worker-port", "0", "--max-worker-port", "0",
+            "--node-manager-port", "0", "--object-manager-port", "0", *extra,
+        ]
+        env = {**os.environ, **BASE_ENV, **self.env, "RAY_TMPDIR": self.dir,
+               MARKER_ENV: self._marker(name)}
+        env.pop("RAY_ADDRESS", None)  # a worker joins the address given on its command line only
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        self._procs[name] = proc
+        node = LocalNode(name=name, pid=proc.pid, num_cpus=num_cpus, resources=res,
+                         log_path=log_path, is_head=is_head)
+        self.nodes.append(node)
+        return node
+
+    def _marker(self, name: str) -> str:
+        return f"{self.dir}:{name}"
+
+    def _wait_started(self, node: LocalNode) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            text = Path(node.log_path).read_text(errors="replace")
+            if _STARTED_MARK in text:
+                return
+            proc = self._procs.get(node.name)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"node {node.name} exited with code {proc.returncode} while starting; "
+                                   f"log {node.log_path}:\n{_tail(text)}")
+            time.sleep(0.2)
+        raise TimeoutError(f"node {node.name} did not start within {self.startup_timeout_s}s; "
+                           f"log {node.log_path}:\n{_tail(Path(node.log_path).read_text(errors='replace'))}")
+
+    def _node_ids(self) -> dict[str, str]:
+        return {row["name"]: row["node_id"] for row in self.node_table() if row["alive"] and row["name"]}
+
+    def _wait_registered(self, names: list[str]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if set(names) <= set(self._node_ids()):
+                    return
+            except Exception:  # noqa: BLE001 - the GCS may still be coming up; retry until the deadline
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"nodes {names} did not register with the GCS at {self.address} "
+                           f"within {self.startup_timeout_s}s")
+
+    def _wait_http(self, url: str) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except Exception as e:  # noqa: BLE001 - connection refused until the dashboard binds
+                last = e
+            time.sleep(0.3)
+        raise TimeoutError(f"{url} did not answer within {self.startup_timeout_s}s: {last}")
+
+    def _resolve(self, node: int | str | LocalNode) -> LocalNode:
+        if isinstance(node, LocalNode):
+            if node not in self.nodes:
+                raise ValueError(f"node {node.name} is not part of this cluster")
+            return node
+        if isinstance(node, int):
+            workers = self.workers
+            if not -len(workers) <= node < len(workers):
+                raise IndexError(f"worker index {node} out of range; cluster has {len(workers)} workers")
+            return workers[node]
+        for n in self.nodes:
+            if n.name == node:
+                return n
+        raise ValueError(f"unknown node {node!r}; expected one of {[n.name for n in self.nodes]}")
+
+    def _stop_node(self, node: LocalNode, graceful: bool, timeout_s: float = 20.0) -> None:
+        """Stop exactly this node's processes: SIGTERM to `ray start` (it stops its children), then
+        SIGKILL to whatever still carries the node's marker."""
+        proc = self._procs.pop(node.name, None)
+        marker = self._marker(node.name)
+        if graceful and _has_marker(node.pid, marker):
+            _signal(node.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and node.is_running():
+                if proc is not None and proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        for pid in _pids_with_marker(marker):
+            _signal(pid, signal.SIGKILL)
+        if proc is not None:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _has_marker(pid: int, marker: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{MARKER_ENV}={marker}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _pids_with_marker(marker: str) -> list[int]:
+    """Pids of live processes whose environment carries `MARKER_ENV=marker` (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and _has_marker(int(entry), marker):
+            pids.append(int(entry))
+    return pids
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_driver(address: str, code: str, timeout_s: float = 120.0,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -c code` as a Ray driver of the cluster at `address` (RAY_ADDRESS is set).
+
+    A separate process, so it works from a test process that already `ray.init`-ed another cluster.
+    Raises `RuntimeError` with the output if the driver exits non-zero.
+    """
+    full_env = {**os.environ, **BASE_ENV, **(env or {}), "RAY_ADDRESS": address}
+    res = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
+                         timeout=timeout_s, cwd=os.getcwd())
+    if res.returncode != 0:
+        raise RuntimeError(f"driver exited with code {res.returncode}:\n"
+                           f"{_tail(res.stdout)}\n{_tail(res.stderr)}")
+    return res
+
+
+# ---------------------------------------------------------------------- CLI
+def _print_status(cluster: LocalCluster) -> None:
+    print(f"address:   {cluster.address}")
+    print(f"dashboard: {cluster.dashboard_url or '-'}")
+    print(f"dir:       {cluster.dir}")
+    print(f"{'name':<10} {'pid':>7} {'running':<8} {'alive':<6} {'node_id':<14} resources")
+    table = {row["name"]: row for row in cluster.node_table() if row["alive"]}
+    for node in cluster.nodes:
+        row = table.get(node.name, {})
+        res = {k: v for k, v in row.get("resources", {}).items() if k != "memory"}
+        print(f"{node.name:<10} {node.pid:>7} {str(node.is_running()):<8} {str(bool(row)):<6} "
+              f"{row.get('node_id', '-')[:12]:<14} {res}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m cluster.local_cluster`."""
+    parser = argparse.ArgumentParser(prog="python -m cluster.local_cluster",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default=os.environ.get("PALI_LOCAL_CLUSTER_DIR", DEFAULT_DIR),
+                        help=f"cluster directory (default {DEFAULT_DIR}, or $PALI_LOCAL_CLUSTER_DIR)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start a head and worker nodes, then return (they keep running)")
+    up.add_argument("--workers", type=int, default=2, help="worker nodes besides the head (default 2)")
+    up.add_argument("--cpus-per-node", type=int, default=4, help="logical CPUs per worker node (default 4)")
+    up.add_argument("--head-cpus", type=int, default=None, help="logical CPUs of the head (default: same)")
+    up.add_argument("--dashboard", action="store_true", help="start the dashboard and job server")
+    up.add_argument("--object-store-mb", type=int, default=100, help="object store per node in MiB")
+    sub.add_parser("status", help="list the nodes and what the GCS says about them")
+    sub.add_parser("down", help="stop every node of the cluster and remove its directory")
+    add = sub.add_parser("add-node", help="start one more worker node")
+    add.add_argument("--cpus", type=int, default=None, help="logical CPUs (default: --cpus-per-node of up)")
+    rm = sub.add_parser("remove-node", help="stop one worker node")
+    rm.add_argument("name", help="node name, e.g. worker-1")
+    rm.add_argument("--kill", action="store_true", help="SIGKILL (simulate a crash) instead of SIGTERM")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "up":
+        cluster = LocalCluster(args.workers, args.cpus_per_node, head_cpus=args.head_cpus,
+                               include_dashboard=args.dashboard, object_store_mb=args.object_store_mb,
+                               dir=args.dir, keep_dir=True)
+        cluster.start()
+        cluster._procs.clear()  # the nodes outlive this process; `down` stops them by marker
+        _print_status(cluster)
+        print(f"\nconnect: RAY_ADDRESS={cluster.address} python your_driver.py")
+        if cluster.dashboard_url:
+            print(f"submit:  ray job submit --address {cluster.dashboard_url} --working-dir . -- python ...")
+        return 0
+    cluster = LocalCluster.attach(args.dir)
+    if args.cmd == "status":
+        _print_status(cluster)
+    elif args.cmd == "down":
+        cluster.shutdown()
+        print(f"stopped; removed {args.dir}")
+    elif args.cmd == "add-node":
+        default_cpus = (cluster.workers or [cluster.head])[-1].num_cpus
+        node = cluster.add_node(num_cpus=args.cpus if args.cpus is not None else default_cpus)
+        print(f"added {node.name} (pid {node.pid})")
+    elif args.cmd == "remove-node":
+        node = cluster.remove_node(args.name, graceful=not args.kill)
+        print(f"removed {node.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

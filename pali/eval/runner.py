@@ -1,0 +1,232 @@
+"""`evaluate`: checkpoint + shards -> predictions.jsonl, metrics.json, report.md (+ chart).
+
+Order of work, so that bad input fails before any model is loaded:
+1. validate tasks, the language filter, the shard list and the checkpoint (config, tensor names and
+   shapes, tokenizer) without loading weights;
+2. scan the shards (one Ray task each): examples per (task, language), malformed rows, unreadable files;
+3. stream predictions from the actor pool into `predictions.jsonl` (flushed per batch);
+4. score, check that every scanned example was predicted exactly once, write the report.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pali.eval.examples import EVAL_TASKS, check_langs, check_tasks, count_examples
+from pali.eval.inference import InferenceConfig, predict
+from pali.eval.metrics import compute_metrics
+from pali.eval.report import write_report
+
+log = logging.getLogger(__name__)
+
+SHARD_EXTENSIONS = (".parquet", ".tar")
+
+
+def list_shard_paths(data_paths: str | Sequence[str]) -> list[str]:
+    """Shard files from files, directories, URIs (`pali.data.pipeline.list_shards`), local globs and
+    comma-separated lists."""
+    from pali.data.pipeline import list_shards
+
+    items = [data_paths] if isinstance(data_paths, str) else list(data_paths)
+    expanded: list[str] = []
+    for item in items:
+        for part in (p.strip() for p in str(item).split(",")):
+            if "://" not in part and any(c in part for c in "*?["):
+                found = sorted(glob.glob(part))
+                if not found:
+                    raise FileNotFoundError(f"pattern {part!r} matches no shard files")
+                expanded.extend(found)
+            elif part:
+                expanded.append(part)
+    return list_shards(expanded)
+
+
+def check_checkpoint(checkpoint: str) -> dict[str, Any]:
+    """Validate a serving checkpoint without loading its weights; returns its model config dict.
+
+    Raises ValueError naming the checkpoint and what is wrong (missing file, bad config, tensor names
+    or shapes that do not match the config, unreadable tokenizer).
+    """
+    from safetensors import safe_open
+
+    from pali.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, create_model, load_config
+    from pali.tokenizer import Tokenizer
+
+    ckpt = Path(checkpoint)
+    try:
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"{ckpt} is not a directory")
+        cfg = load_config(ckpt)
+        with safe_open(str(ckpt / WEIGHTS_FILE), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        expected = {k: tuple(v.shape) for k, v in create_model(cfg, device="meta").state_dict().items()}
+        missing = sorted(set(expected) - set(shapes))
+        unexpected = sorted(set(shapes) - set(expected))
+        wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+        if missing or unexpected or wrong:
+            raise ValueError(f"weights do not match config {cfg.name!r}: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}, wrong shapes {wrong[:3]}")
+        Tokenizer.load(ckpt / TOKENIZER_FILE)
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(ckpt)!r} does not load: {type(e).__name__}: {e}; expected a "
+                         "serving checkpoint directory (config.json, model.safetensors, tokenizer.model)"
+                         ) from e
+    return cfg.to_dict()
+
+
+def ensure_ray() -> None:
+    """Use the running Ray instance, or connect to RAY_ADDRESS (as under `ray job submit`), or start one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        # Logical oversubscription: Ray Data deadlocks when actors hold every CPU of a small machine.
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
+
+
+def _scan_shard(path: str, tasks: tuple[str, ...], langs: tuple[str, ...] | None) -> dict[str, Any]:
+    from pali.data.schema import read_shard
+
+    try:
+        contents = read_shard(path)
+    except Exception as e:
+        return {"path": path, "error": f"{type(e).__name__}: {e}"}
+    counts = count_examples(contents.rows, tasks, langs)
+    return {"path": path, "error": None, "malformed": contents.malformed,
+            "examples": list(counts["examples"].items()), "langs": dict(counts["langs"]),
+            "unsupported_langs": dict(counts["unsupported_langs"]), "bad_images": counts["bad_images"]}
+
+
+def scan_shards(paths: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | None) -> dict[str, Any]:
+    """Examples per (task, lang), languages present, malformed rows and bad images; one Ray task per shard.
+
+    An unreadable shard, or rows in a language the prompts do not support, raise ValueError naming them
+    (before any inference starts).
+    """
+    import ray
+
+    scan = ray.remote(num_cpus=0.25)(_scan_shard)
+    results = ray.get([scan.remote(p, tuple(tasks), tuple(langs) if langs else None) for p in paths])
+    bad = [f"{r['path']}: {r['error']}" for r in results if r["error"]]
+    if bad:
+        raise ValueError(f"{len(bad)} shard(s) could not be read: {bad[:5]}")
+    examples: Counter[tuple[str, str]] = Counter()
+    present: Counter[str] = Counter()
+    unsupported: Counter[str] = Counter()
+    for r in results:
+        examples.update({tuple(k): v for k, v in r["examples"]})
+        present.update(r["langs"])
+        unsupported.update(r["unsupported_langs"])
+    if unsupported:
+        raise ValueError(f"rows in unsupported languages {dict(unsupported)} (no prompt template); pass a "
+                         f"language filter among {sorted(set(present) - set(unsupported))}")
+    return {"examples": examples, "langs": present, "malformed": sum(r["malformed"] for r in results),
+            "bad_images": sum(r["bad_images"] for r in results)}
+
+
+def _resolve_tasks(requested: Sequence[str] | None, examples: Counter, paths: Sequence[str],
+                   langs: Sequence[str] | None) -> tuple[str, ...]:
+    have = {t for (t, _), n in examples.items() if n}
+    where = f"shards {list(paths)[:3]}{' ...' if len(paths) > 3 else ''}"
+    if requested is None:
+        tasks = tuple(t for t in EVAL_TASKS if t in have)
+        if not tasks:
+            raise ValueError(f"{where} have no examples with references for any of {list(EVAL_TASKS)}"
+                             f"{f' in languages {list(langs)}' if langs else ''}")
+        return tasks
+    missing = [t for t in requested if t not in have]
+    if missing:
+        raise ValueError(f"{where} have no references for requested task(s) {missing}"
+                         f"{f' in languages {list(langs)}' if langs else ''}; "
+                         f"tasks with references: {sorted(have)}")
+    return tuple(requested)
+
+
+def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[str] | None = None,
+             langs: Sequence[str] | None = None, num_beams: int = 1, out_dir: str = "eval_out",
+             max_new_tokens: int = 32, batch_size: int = 16, num_actors: int | None = None,
+             use_gpu: bool | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """Evaluate a serving checkpoint on shards; writes predictions.jsonl, metrics.json, report.md.
+
+    tasks: subset of ("caption", "vqa", "ocr"); None = every task the shards have references for
+    (an explicitly requested task without references is an error). langs: BCP-47 filter, None = all.
+    Returns the metrics dict (see `pali.eval.metrics.compute_metrics`) with a "run" section added.
+    """
+    if tasks is not None:
+        tasks = check_tasks(tasks)
+    langs = check_langs(langs)
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams={num_beams!r}; expected an integer >= 1")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; expected an integer >= 1")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 1")
+    paths = list_shard_paths(data_paths)
+    model_cfg = check_checkpoint(checkpoint)
+    ensure_ray()
+
+    t0 = time.time()
+    scan = scan_shards(paths, tasks or EVAL_TASKS, langs)
+    if langs:
+        absent = [lang for lang in langs if not scan["langs"].get(lang)]
+        if absent:
+            raise ValueError(f"language filter {absent} matches no rows; the shards hold languages "
+                             f"{sorted(scan['langs'])}")
+    tasks = _resolve_tasks(tasks, scan["examples"], paths, langs)
+    expected = Counter({k: v for k, v in scan["examples"].items() if k[0] in tasks})
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / "predictions.jsonl"
+    cfg = InferenceConfig(checkpoint=checkpoint, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, dtype=dtype)
+    from pali.data.pipeline import DataStats
+
+    stats = DataStats()
+    written = 0
+    with open(pred_path, "w", encoding="utf-8") as f:
+        try:
+            for rows in predict(paths, tasks, langs, cfg, stats=stats):
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written += len(rows)
+                f.flush()
+        except Exception as e:
+            raise RuntimeError(f"inference failed after {written} predictions (kept in {pred_path}): "
+                               f"{type(e).__name__}: {e}") from e
+    records = [json.loads(line) for line in pred_path.read_text(encoding="utf-8").splitlines() if line]
+    infer_s = time.time() - t0
+
+    metrics = compute_metrics(records)
+    got = Counter((r["task"], r["lang"]) for r in records)
+    keys = Counter((r["id"], r["task"]) for r in records)
+    metrics["run"] = {
+        "checkpoint": str(checkpoint), "preset": model_cfg.get("name"), "num_shards": len(paths),
+        "tasks": list(tasks), "langs": list(langs) if langs else None, "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "num_predictions": len(records),
+        "prediction_errors": sum(1 for r in records if r.get("error")), "malformed_rows": scan["malformed"],
+        "bad_images": scan["bad_images"], "data_stats": stats.get(),
+        "wall_s": round(infer_s, 2), "examples_per_s": round(len(records) / max(infer_s, 1e-9), 3),
+    }
+    write_report(metrics, out, {k: metrics["run"][k] for k in ("checkpoint", "preset", "num_shards", "tasks",
+                                                              "langs", "num_beams", "num_predictions",
+                                                              "prediction_errors", "wall_s")})
+    duplicates = [k for k, n in keys.items() if n > 1]
+    if got != expected or duplicates:
+        raise RuntimeError(f"predicted {sum(got.values())} examples but the shards hold "
+                           f"{sum(expected.values())} (missing {dict(expected - got)}, "
+                           f"extra {dict(got - expected)}, duplicate ids "
+                           f"{duplicates[:5]}); outputs kept in {out}")
+    log.info("evaluation done: %d predictions in %.1f s, outputs in %s", len(records), infer_s, out)
+    return metrics

@@ -1,0 +1,338 @@
+"""The training engine: PaLI on a DP x PP x TP grid, one `train_step` per global batch.
+
+`build_engine` builds the model on the meta device, applies the TP plan, keeps this rank's pipeline
+stage, materialises only this rank's shard (sliced from a full state dict, or from the same seeded init
+as `create_model(cfg, seed=seed)`, so every layout starts from identical weights), and wraps the stage
+in DDP (or FSDP2) over the data-parallel group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pali.checkpoint import create_model
+from pali.config import PaLIConfig
+from pali.parallel.grid import Grid
+from pali.parallel.plan import ShardSpec, merge_shards, slice_for
+from pali.parallel.stages import SHARED_ACROSS_STAGES, TokenLoss, build_stage_model, stage_module
+
+BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
+
+
+@dataclass
+class StepResult:
+    """What one `train_step` returns (identical on every rank of a replica)."""
+
+    loss: float
+    """Mean token cross-entropy over all real target tokens of the global batch (all DP ranks)."""
+    num_tokens: int
+    """Real target tokens in the global batch."""
+    example_loss_sum: torch.Tensor
+    """float[b]: summed token loss of each of this DP rank's examples."""
+    example_tokens: torch.Tensor
+    """int[b]: real target tokens of each of this DP rank's examples."""
+
+
+class Engine:
+    """One rank's shard of PaLI plus the step logic for its place in the grid. Build with `build_engine`."""
+
+    def __init__(self, cfg: PaLIConfig, grid: Grid, model: nn.Module, specs: dict[str, ShardSpec],
+                 module: nn.Module, dp_mode: str, schedule: str, num_microbatches: int,
+                 device: torch.device, autocast_dtype: torch.dtype | None):
+        self.cfg, self.grid, self.model, self.specs = cfg, grid, model, specs
+        self.module = module  # the stage module, wrapped by DDP / FSDP when dp > 1
+        self.dp_mode, self.schedule_name = dp_mode, schedule
+        self.num_microbatches, self.device, self.autocast_dtype = num_microbatches, device, autocast_dtype
+        self.loss_fn = TokenLoss(cfg.text.pad_token_id, vocab_parallel=grid.tp > 1)
+        self._schedules: dict[tuple, object] = {}
+        self._shared = [n for n in SHARED_ACROSS_STAGES if n in specs] if grid.pp > 1 else []
+
+    # --- parameters -------------------------------------------------------------------------------
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(full parameter name as in PaLI.state_dict(), local tensor) for every trainable local parameter."""
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Local trainable parameters (frozen vision excluded), for the optimizer."""
+        return [p for _, p in self.named_parameters()]
+
+    def shard_spec(self) -> dict[str, ShardSpec]:
+        """ShardSpec of every local tensor (only the names this stage holds)."""
+        return dict(self.specs)
+
+    def zero_grad(self) -> None:
+        """Drop the gradients (call between steps: `train_step` accumulates into .grad)."""
+        for p in self.model.parameters():
+            p.grad = None
+
+    def train(self) -> Engine:
+        """Training mode (dropout on)."""
+        self.module.train()
+        return self
+
+    def eval(self) -> Engine:
+        """Evaluation mode."""
+        self.module.eval()
+        return self
+
+    # --- the step ---------------------------------------------------------------------------------
+    def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> int:
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"batch lacks {missing}; expected keys {list(BATCH_KEYS)} (+ optional image_mask)")
+        b = batch["input_ids"].shape[0]
+        for k in (*BATCH_KEYS, "image_mask"):
+            if k in batch and batch[k].shape[0] != b:
+                raise ValueError(f"batch[{k!r}] has {batch[k].shape[0]} rows; expected {b} like input_ids")
+        n = self.num_microbatches
+        if b < n or (self.grid.pp > 1 and b % n):
+            raise ValueError(f"local batch of {b} examples cannot be cut into num_microbatches={n} "
+                             + ("equal micro-batches (pipeline stages need equal shapes)" if self.grid.pp > 1
+                                else "non-empty micro-batches"))
+        return b
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
+        """Forward + backward of this DP rank's share of the global batch over num_microbatches.
+
+        Leaves d(global mean token loss)/d(theta) accumulated in the local parameters' .grad.
+        """
+        b = self._check_batch(batch)
+        g = self.grid
+        args = [batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                batch.get("image_mask", torch.ones(b, dtype=torch.long)), batch["labels"]]
+        args = [a.to(self.device) for a in args]
+        labels = args[-1]
+        pad = self.cfg.text.pad_token_id
+        n_tokens = ((labels != pad) & (labels != -100)).sum().reshape(1).to(torch.float64)
+        if g.dp > 1:
+            dist.all_reduce(n_tokens, group=g.dp_group)
+        n_global = int(n_tokens.item())
+        self.loss_fn.denominator = max(n_global, 1) / g.dp
+        self.loss_fn.records.clear()
+        n_mb = self.num_microbatches
+        with self._autocast():
+            if g.pp == 1:
+                self._run_local(args, n_mb)
+            else:
+                self._run_pipeline(args, n_mb)
+        if self._shared:
+            for name in self._shared:
+                grad = self.model.get_parameter(name).grad
+                if grad is not None:
+                    dist.all_reduce(_local(grad), group=g.pp_group)
+        # [loss_sum, example_loss_sum (b), example_tokens (b)] from the last stage to the whole replica.
+        pack = torch.zeros(1 + 2 * b, dtype=torch.float64, device=self.device)
+        if g.is_last_stage:
+            recs = self.loss_fn.records[-n_mb:]
+            ex_loss = torch.cat([r[0] for r in recs]).to(torch.float64)
+            ex_tok = torch.cat([r[1] for r in recs]).to(torch.float64)
+            loss_sum = ex_loss.sum().reshape(1)
+            if g.dp > 1:
+                dist.all_reduce(loss_sum, group=g.dp_group)
+            pack = torch.cat([loss_sum, ex_loss, ex_tok])
+        if g.pp > 1:
+            dist.broadcast(pack, group_src=g.pp - 1, group=g.pp_group)
+        pack = pack.cpu()
+        return StepResult(loss=float(pack[0]) / max(n_global, 1), num_tokens=n_global,
+                          example_loss_sum=pack[1:1 + b].float(), example_tokens=pack[1 + b:].long())
+
+    def _run_local(self, args: list[torch.Tensor], n_mb: int) -> None:
+        chunks = [a.tensor_split(n_mb) for a in args]
+        for i in range(n_mb):
+            last = i == n_mb - 1
+            with self._no_sync(last):
+                mb = [c[i] for c in chunks]
+                logits = self.module(*mb)
+                loss = self.loss_fn(logits, mb[-1])
+                loss.backward()
+
+    def _no_sync(self, last: bool):
+        """Skip the DP gradient reduction on all but the last micro-batch (gradient accumulation)."""
+        if self.grid.dp == 1 or last:
+            if self.dp_mode == "fsdp" and self.grid.dp > 1:
+                self.module.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.dp_mode == "ddp":
+            return self.module.no_sync()
+        self.module.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+
+    def _run_pipeline(self, args: list[torch.Tensor], n_mb: int) -> None:
+        g = self.grid
+        key = tuple(tuple(a.shape) for a in args)
+        sched = self._schedules.get(key)
+        if sched is None:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+            stage = PipelineStage(self.module, g.pp_rank, g.pp, self.device, group=g.pp_group)
+            cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
+            sched = cls(stage, n_microbatches=n_mb, loss_fn=self.loss_fn, scale_grads=False)
+            self._schedules[key] = sched
+        if g.is_first_stage:
+            sched.step(*args)
+        elif g.is_last_stage:
+            sched.step(target=args[-1], losses=[])
+        else:
+            sched.step()
+
+    # --- gradients --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
+
+        The norm is over the full model: TP shards counted once each, TP-replicated tensors (norms, biases
+        of row-parallel layers) once, the embedding held by two stages once, DP replicas once.
+        """
+        g = self.grid
+        sq = torch.zeros(1, dtype=torch.float64, device=self.device)
+        grads = []
+        for name, p in self.named_parameters():
+            if p.grad is None:
+                continue
+            grads.append(p.grad)
+            if self.specs[name].dim is None and g.tp_rank != 0:
+                continue
+            if name in self._shared and not g.is_first_stage:
+                continue
+            sq += _local(p.grad).double().pow(2).sum()
+        if g.world > 1:
+            dist.all_reduce(sq)
+        if self.dp_mode == "ddp":
+            sq /= g.dp  # every replica holds the same reduced gradients
+        total = math.sqrt(float(sq.item()))
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for grad in grads:
+                _local(grad).mul_(coef)
+        return total
+
+    # --- state ------------------------------------------------------------------------------------
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's TP/PP shards as detached CPU tensors (FSDP shards are gathered over DP first)."""
+        return {k: _full(v).detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The consolidated `PaLI.state_dict()` on global rank 0 (None elsewhere). Collective: every rank calls.
+
+        Replica 0's ranks send their shards to rank 0 point-to-point in an order every rank derives from
+        the layout, so no rank needs to know more than the config and the grid.
+        """
+        g = self.grid
+        local = self.local_state_dict()
+        if g.world == 1:
+            return local
+        if g.dp_rank != 0:
+            return None
+        wire_dtype = next(iter(local.values())).dtype  # one dtype per model on every rank
+        received: list[tuple[dict[str, ShardSpec], dict[str, torch.Tensor]]] = []
+        have: set[tuple[str, int]] = set()
+        for s in range(g.pp):
+            for r in range(g.tp):
+                src = g.global_rank(0, s, r)
+                specs = self.specs if src == g.rank else _layout(self.cfg, g.pp, g.tp, s, r)
+                got: dict[str, torch.Tensor] = {}
+                for name, spec in specs.items():
+                    if (name, spec.tp_rank) in have:
+                        continue
+                    have.add((name, spec.tp_rank))
+                    if src == 0 == g.rank:
+                        got[name] = local[name]
+                    elif g.rank == 0:
+                        shape = list(spec.shape)
+                        if spec.dim is not None:
+                            shape[spec.dim] //= spec.tp_size
+                        buf = torch.empty(shape, dtype=wire_dtype)
+                        dist.recv(buf, src=src)
+                        got[name] = buf
+                    elif g.rank == src:
+                        dist.send(local[name].contiguous(), dst=0)
+                received.append((specs, got))
+        return merge_shards(received) if g.rank == 0 else None
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_cached(cfg_json: str, pp: int, tp: int, pp_rank: int, tp_rank: int) -> dict[str, ShardSpec]:
+    return build_stage_model(PaLIConfig.from_dict(json.loads(cfg_json)), pp, tp, pp_rank, tp_rank)[1]
+
+
+def _layout(cfg: PaLIConfig, pp: int, tp: int, pp_rank: int, tp_rank: int) -> dict[str, ShardSpec]:
+    return _layout_cached(cfg.to_json(), pp, tp, pp_rank, tp_rank)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole TP shard of a DTensor sharded over DP (FSDP2), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in backward (keeps parameter names unchanged)."""
+    for name, mod in model.named_modules():
+        if name.endswith(".blocks"):
+            for block in mod:
+                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Tensor] | None = None,
+                 seed: int = 0, dp_mode: str = "ddp", schedule: str = "1f1b", num_microbatches: int = 1,
+                 device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                 activation_checkpointing: bool = False) -> Engine:
+    """This rank's Engine: meta build -> TP plan -> stage cut -> materialise this shard -> DP wrapper.
+
+    full_state: `PaLI.state_dict()`-named full tensors to slice from (a checkpoint, an import); None means
+    the deterministic init of `create_model(cfg, seed=seed)`.
+    """
+    if dp_mode not in ("ddp", "fsdp"):
+        raise ValueError(f"dp_mode={dp_mode!r}; expected 'ddp' or 'fsdp'")
+    if schedule not in ("1f1b", "gpipe"):
+        raise ValueError(f"schedule={schedule!r}; expected '1f1b' or 'gpipe'")
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches!r}; expected a positive integer")
+    device = torch.device(device)
+    model, specs = build_stage_model(cfg, grid.pp, grid.tp, grid.pp_rank, grid.tp_rank)
+    if full_state is None:
+        full_state = create_model(cfg, seed=seed).state_dict()
+    shards = slice_for(full_state, specs)
+    meta = model.state_dict()
+    shards = {k: v.to(device=device, dtype=meta[k].dtype) for k, v in shards.items()}
+    model.load_state_dict(shards, strict=True, assign=True)
+    del full_state, shards
+    if cfg.freeze_vision and hasattr(model, "vision_tower"):
+        model.vision_tower.requires_grad_(False)
+    if activation_checkpointing:
+        _checkpoint_blocks(model)
+    module = stage_module(model, grid.pp, grid.pp_rank)
+    if grid.dp > 1:
+        module = _wrap_dp(module, grid, dp_mode, device)
+    return Engine(cfg, grid, model, specs, module, dp_mode, schedule, num_microbatches, device, autocast_dtype)
+
+
+def _wrap_dp(module: nn.Module, grid: Grid, dp_mode: str, device: torch.device) -> nn.Module:
+    if dp_mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, process_group=grid.dp_group, device_ids=None if device.type == "cpu" else [device])
+    from pali.parallel.fsdp import wrap_fsdp
+
+    return wrap_fsdp(module, grid, device)

@@ -1,0 +1,153 @@
+"""Pipeline stage cuts, the stage modules, and the token loss shared by every layout.
+
+A stage model is an unmodified `PaLI` built on the meta device, with the TP plan applied and the
+submodules of other stages deleted, so parameter names stay those of `PaLI.state_dict()`.
+
+Cuts (`STAGE_PARTS`): pp=1 holds everything; pp=2 is vision + projector + encoder | decoder + head.
+`text.shared` (the token embedding) is used by both stages (prompt and decoder inputs), so both hold a
+copy and the engine all-reduces its gradient over the pipeline group, as Megatron does for tied
+embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy
+from torch import nn
+
+from pali.checkpoint import create_model
+from pali.config import PaLIConfig
+from pali.models.pali import PaLI
+from pali.parallel.plan import TP_PLAN, ShardSpec, apply_tp_plan, check_tp, shard_specs
+
+_ALL_PARTS = ("vision_tower", "projector", "text.shared", "text.encoder", "text.decoder", "text.lm_head")
+STAGE_PARTS: dict[int, list[tuple[str, ...]]] = {
+    1: [_ALL_PARTS],
+    2: [("vision_tower", "projector", "text.shared", "text.encoder"),
+        ("text.shared", "text.decoder", "text.lm_head")],
+}
+"""Pipeline degree -> the top-level parts each stage holds."""
+
+SHARED_ACROSS_STAGES = ("text.shared.weight",)
+"""Parameters held by the first and the last stage (gradients summed over the pipeline group)."""
+
+
+def check_pp(pp: int) -> None:
+    """Raise ValueError for a pipeline degree without a defined cut."""
+    if pp not in STAGE_PARTS:
+        raise ValueError(f"pp={pp} has no stage cut; supported pipeline degrees are {sorted(STAGE_PARTS)} "
+                         "(vision+projector+encoder | decoder+head)")
+
+
+def build_stage_model(cfg: PaLIConfig, pp: int = 1, tp: int = 1, pp_rank: int = 0, tp_rank: int = 0
+                      ) -> tuple[PaLI, dict[str, ShardSpec]]:
+    """Meta-device PaLI with the TP plan applied and the other stages' parts removed, and its specs.
+
+    Needs no process group, so any rank can compute any other rank's layout (resharding, gathering).
+    """
+    check_pp(pp)
+    check_tp(cfg, tp)
+    if not 0 <= pp_rank < pp or not 0 <= tp_rank < tp:
+        raise ValueError(f"position pp_rank={pp_rank}, tp_rank={tp_rank} is outside pp={pp}, tp={tp}")
+    model = create_model(cfg, device="meta")
+    full_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    applied = apply_tp_plan(model, tp, tp_rank, TP_PLAN)
+    keep = STAGE_PARTS[pp][pp_rank]
+    for part in _ALL_PARTS:
+        parent_path, _, child = part.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if part not in keep and hasattr(parent, child):
+            delattr(parent, child)
+    return model, shard_specs(model, applied, full_shapes, tp, tp_rank)
+
+
+def layout_specs(cfg: PaLIConfig, pp: int = 1, tp: int = 1, pp_rank: int = 0, tp_rank: int = 0
+                 ) -> dict[str, ShardSpec]:
+    """The ShardSpec dict a rank at (pp_rank, tp_rank) of a (pp, tp) layout holds (for resharding)."""
+    return build_stage_model(cfg, pp, tp, pp_rank, tp_rank)[1]
+
+
+def _logits(model: PaLI, h: torch.Tensor) -> torch.Tensor:
+    """Decoder hidden float[B, T, D] -> logits float[B, T, V/tp] (vocab-parallel when the head is TP)."""
+    return model.text.logits(h)
+
+
+class FullStage(nn.Module):
+    """The whole model as one stage: (pixels, prompt, mask, image_mask, labels) -> logits."""
+
+    def __init__(self, model: PaLI):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Logits float[B, T, V/tp] for teacher-forced targets."""
+        enc, enc_mask = self.model.encode(pixel_values, input_ids, attention_mask, image_mask)
+        dec_in = self.model.text.shift_right(labels)  # (B, T)
+        h = self.model.text.decoder(self.model.text.embed(dec_in), enc, enc_mask)
+        return _logits(self.model, h)
+
+
+class EncoderStage(nn.Module):
+    """First of two stages: returns (encoder states float[B,S,D], their mask int[B,S], decoder ids int[B,T])."""
+
+    def __init__(self, model: PaLI):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_mask: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        enc, enc_mask = self.model.encode(pixel_values, input_ids, attention_mask, image_mask)
+        return enc, enc_mask, self.model.text.shift_right(labels)
+
+
+class DecoderStage(nn.Module):
+    """Last of two stages: (encoder states, mask, decoder ids) -> logits float[B, T, V/tp]."""
+
+    def __init__(self, model: PaLI):
+        super().__init__()
+        self.model = model
+
+    def forward(self, enc: torch.Tensor, enc_mask: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
+        h = self.model.text.decoder(self.model.text.embed(dec_in), enc, enc_mask)
+        return _logits(self.model, h)
+
+
+def stage_module(model: PaLI, pp: int, pp_rank: int) -> nn.Module:
+    """The nn.Module that runs this rank's stage."""
+    if pp == 1:
+        return FullStage(model)
+    return EncoderStage(model) if pp_rank == 0 else DecoderStage(model)
+
+
+class TokenLoss:
+    """Summed token cross-entropy divided by a per-step denominator (global token count / dp).
+
+    Called once per micro-batch (by the pipeline schedule on the last stage, or by the engine). With the
+    denominator N_global / dp and DDP's gradient averaging over dp, the gradients equal those of the mean
+    over all real target tokens of the global batch, however it is split into replicas and micro-batches.
+    Per-example sums are recorded (detached) for logging.
+    """
+
+    def __init__(self, pad_id: int, vocab_parallel: bool):
+        self.pad_id = pad_id
+        self.vocab_parallel = vocab_parallel
+        self.denominator = 1.0
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """logits float[B, T, V/tp], labels int[B, T] (pad / -100 ignored) -> scalar loss."""
+        mask = (labels != self.pad_id) & (labels != -100)  # (B, T)
+        target = labels.masked_fill(~mask, 0)
+        if self.vocab_parallel:
+            # fairscale subtracts the max in place; work on a copy when autocast gave a low-precision tensor
+            ce = vocab_parallel_cross_entropy(logits.float(), target)  # (B, T)
+        else:
+            ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")
+            ce = ce.view_as(target)
+        ce = ce.masked_fill(~mask, 0.0)
+        per_example = ce.sum(1)  # (B,)
+        self.records.append((per_example.detach(), mask.sum(1)))
+        return per_example.sum() / self.denominator

@@ -1,0 +1,156 @@
+"""Sharded training checkpoints: one file pair per rank, resumable under any layout.
+
+A checkpoint directory holds, for every rank r of the world that wrote it,
+  rank-r.safetensors   model shard ("model/<name>"), optimizer state ("optim/<name>/<key>"), RNG
+  rank-r.json          layout, shard specs, optimizer scalars
+and, from rank 0, `meta.json` (step, data position, scheduler, configs) and `tokenizer.model`.
+Ray Train uploads each rank's files into one directory and registers it only after every rank has
+reported, so a half-written checkpoint never becomes the latest; `is_complete` checks the same on disk.
+Loading merges the shards to full tensors and slices them for the reader's own layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+META = "meta.json"
+
+
+def _spec_to_json(spec) -> dict:
+    return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+
+
+def save_shard(out_dir: str | os.PathLike, rank: int, layout: dict, specs: dict, model_state: dict,
+               optimizer: torch.optim.Optimizer | None, named_params: list[tuple[str, torch.Tensor]],
+               meta: dict | None = None, tokenizer=None) -> None:
+    """Write this rank's part of a checkpoint into `out_dir` (a local staging dir Ray then uploads)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    if optimizer is not None:
+        by_id = {id(p): n for n, p in named_params}
+        for p, st in optimizer.state.items():
+            name = by_id.get(id(p))
+            if name is None:
+                continue
+            for key, val in st.items():
+                if torch.is_tensor(val) and val.dim() > 0:
+                    tensors[f"optim/{name}/{key}"] = val.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(name, {})[key] = float(val)
+    tensors["rng/torch"] = torch.get_rng_state()
+    save_file(tensors, str(out / f"rank-{rank:05d}.safetensors"))
+    info = {"rank": rank, "layout": layout, "specs": {k: _spec_to_json(s) for k, s in specs.items()},
+            "optim_scalars": scalars}
+    (out / f"rank-{rank:05d}.json").write_text(json.dumps(info))
+    if meta is not None:
+        if tokenizer is not None:
+            tokenizer.save(out / "tokenizer.model")
+        (out / META).write_text(json.dumps(meta, indent=2))
+
+
+def read_meta(ckpt_dir: str | os.PathLike) -> dict:
+    """The rank-0 metadata of a checkpoint."""
+    return json.loads((Path(ckpt_dir) / META).read_text())
+
+
+def is_complete(ckpt_dir: str | os.PathLike) -> bool:
+    """True when meta.json and every rank's files of the writing world are present."""
+    d = Path(ckpt_dir)
+    if not (d / META).is_file():
+        return False
+    try:
+        world = int(read_meta(d)["world_size"])
+    except (ValueError, KeyError, json.JSONDecodeError):
+        return False
+    return all((d / f"rank-{r:05d}.safetensors").is_file() and (d / f"rank-{r:05d}.json").is_file()
+               for r in range(world))
+
+
+def latest_complete(run_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step under a Ray Train run directory, or None."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        return None
+    best, best_step = None, -1
+    for meta in root.glob("**/" + META):
+        d = meta.parent
+        if is_complete(d):
+            step = int(read_meta(d).get("step", -1))
+            if step > best_step:
+                best, best_step = d, step
+    return best
+
+
+def load_full(ckpt_dir: str | os.PathLike, with_optimizer: bool = True) -> dict[str, Any]:
+    """Merge every rank's shards of a checkpoint into full tensors.
+
+    Returns {"meta", "model": {name: full}, "optim": {name: {key: full}}, "optim_scalars", "layout",
+    "rng": {rank: state}}. Optimizer tensors whose shape is not the parameter's (e.g. Adafactor's factored
+    moments) are kept only when the reader's layout is the writer's (see `optim_same_layout`).
+    """
+    from pali.parallel import merge_shards
+    from pali.parallel.plan import ShardSpec
+
+    d = Path(ckpt_dir)
+    if not is_complete(d):
+        raise FileNotFoundError(f"checkpoint {d} is incomplete (missing {META} or a rank's shard files)")
+    meta = read_meta(d)
+    world = int(meta["world_size"])
+    model_parts, optim_parts = [], {}
+    scalars: dict[str, dict] = {}
+    rng = {}
+    layout = None
+    raw_optim: dict[int, dict[str, torch.Tensor]] = {}
+    for r in range(world):
+        info = json.loads((d / f"rank-{r:05d}.json").read_text())
+        layout = layout or info["layout"]
+        tensors = load_file(str(d / f"rank-{r:05d}.safetensors"))
+        specs = {k: ShardSpec.from_dict(v) for k, v in info["specs"].items()}
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+        model_parts.append((specs, model))
+        rng[r] = tensors.get("rng/torch")
+        for name, sc in info.get("optim_scalars", {}).items():
+            scalars.setdefault(name, sc)
+        if with_optimizer:
+            raw_optim[r] = {k[6:]: v for k, v in tensors.items() if k.startswith("optim/")}
+            per_key: dict[str, dict[str, torch.Tensor]] = {}
+            for key, val in raw_optim[r].items():
+                name, _, skey = key.rpartition("/")
+                if name in specs and tuple(val.shape) == tuple(model[name].shape):
+                    per_key.setdefault(skey, {})[name] = val
+            for skey, group in per_key.items():
+                optim_parts.setdefault(skey, []).append(({n: specs[n] for n in group}, group))
+    full_model = merge_shards(model_parts)
+    full_optim: dict[str, dict[str, torch.Tensor]] = {}
+    for skey, parts in optim_parts.items():
+        for name, t in merge_shards(parts).items():
+            full_optim.setdefault(name, {})[skey] = t
+    return {"meta": meta, "model": full_model, "optim": full_optim, "optim_scalars": scalars,
+            "layout": layout, "rng": rng, "raw_optim": raw_optim}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, named_params: list[tuple[str, torch.Tensor]],
+                      full_optim: dict[str, dict[str, torch.Tensor]], scalars: dict[str, dict],
+                      specs: dict, slice_for) -> int:
+    """Load merged optimizer state into `optimizer`, sliced for this rank's shards. Returns tensors restored."""
+    n = 0
+    for name, p in named_params:
+        if name not in full_optim and name not in scalars:
+            continue
+        state: dict[str, Any] = {}
+        for key, full in full_optim.get(name, {}).items():
+            state[key] = slice_for({name: full}, {name: specs[name]})[name].to(p.device, p.dtype).clone()
+            n += 1
+        for key, val in scalars.get(name, {}).items():
+            state[key] = torch.tensor(val, dtype=torch.float32)
+        if state:
+            optimizer.state[p] = state
+    return n

@@ -1,0 +1,127 @@
+"""Training run configuration (flags of `jobs.pretrain` map one to one onto these fields)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class TrainConfig:
+    """One pretraining run: model preset + overrides, data, optimisation, layout, checkpoints."""
+
+    preset: str = "tiny"
+    """Model preset name (see `pali.config.PRESETS`)."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the preset, e.g. {"vision__image_size": 448} or {"freeze_vision": True}."""
+    init_from: str | None = None
+    """Serving checkpoint to start from (e.g. an imported model, or the 224 px phase for the high-res phase)."""
+    data: list[str] = field(default_factory=lambda: ["data/train"])
+    """Training shard files, directories or URIs."""
+    eval_data: list[str] = field(default_factory=lambda: ["data/val"])
+    """Held-out shards for the end-of-run loss, samples and evaluation."""
+    tokenizer: str | None = None
+    """sentencepiece `.model` to use; None trains one from the training shards' text."""
+    task_weights: dict[str, float] | None = None
+    """Task mixture weights (None: the data pipeline's default PaLI-style mixture)."""
+    steps: int = 300
+    """Optimizer steps to train for."""
+    global_batch: int = 32
+    """Examples per optimizer step, over all data-parallel ranks (kept constant when the group resizes)."""
+    micro_batch: int = 16
+    """Examples per forward/backward on one rank (gradient accumulation = global / (dp * micro))."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    schedule: Literal["rsqrt", "cosine", "constant"] = "rsqrt"
+    """Linear warmup then inverse-sqrt decay (PaLI), or cosine to `min_lr_ratio`, or constant."""
+    warmup_steps: int = 30
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """Final lr / peak lr for the cosine schedule."""
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """AdamW, or Adafactor (factored second moments, as T5 / PaLI)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    seed: int = 0
+    """Seed of the model init, data mixture and dropout."""
+    tp: int = 1
+    """Tensor-parallel degree (innermost grid dimension)."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    workers: int = 2
+    """Ray Train workers (world size) when not elastic."""
+    min_workers: int | None = None
+    """Elastic mode: fewest workers to run with (a multiple of tp * pp)."""
+    max_workers: int | None = None
+    """Elastic mode: most workers to grow to (a multiple of tp * pp)."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each worker reserves (keep the sum below the cluster's, so Ray Data tasks can run)."""
+    use_gpu: bool = False
+    """One GPU per worker, nccl and bf16 autocast."""
+    dp_mode: Literal["ddp", "fsdp"] = "ddp"
+    """Data-parallel wrapper: DDP, or FSDP2 (sharded parameters and optimizer state)."""
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    """Pipeline schedule over micro-batches."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass."""
+    checkpoint_every: int = 100
+    """Write a sharded checkpoint (and report to Ray) every this many steps."""
+    log_every: int = 10
+    """Write metrics.jsonl / TensorBoard every this many steps."""
+    keep_checkpoints: int = 2
+    """Sharded checkpoints kept by Ray Train."""
+    output_dir: str = "runs/pali-tiny"
+    """Run directory (Ray storage path, metrics, plots, final serving checkpoint)."""
+    name: str = "pretrain"
+    """Run name under the storage path; rerunning with the same name resumes."""
+    storage_path: str | None = None
+    """Shared storage for checkpoints (local dir, NFS or s3://...); default `<output_dir>/ray`."""
+    max_failures: int = 3
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    eval_examples: int = 64
+    """Held-out examples for the end-of-run loss and samples."""
+    fail_at_step: int | None = None
+    """Testing aid: rank 1 exits abruptly at this step in the first attempt (fault-tolerance tests)."""
+
+    @property
+    def elastic(self) -> bool:
+        """True when a worker range was given."""
+        return self.min_workers is not None or self.max_workers is not None
+
+    def validate(self) -> None:
+        """Raise ValueError naming any inconsistent setting."""
+        mp = self.tp * self.pp
+        for name in ("tp", "pp", "steps", "global_batch", "micro_batch", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        sizes = [self.min_workers or mp, self.max_workers or self.min_workers or mp] if self.elastic \
+            else [self.workers]
+        for n in sizes:
+            if n % mp:
+                raise ValueError(f"world size {n} is not a multiple of tp*pp = {mp}")
+            dp = n // mp
+            if self.global_batch % dp:
+                raise ValueError(f"global batch {self.global_batch} does not split evenly over dp={dp} "
+                                 f"data-parallel ranks (world {n} / (tp*pp = {mp}))")
+        if self.elastic and (self.min_workers or 1) > (self.max_workers or 10**9):
+            raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
+
+    def microbatches(self, dp: int) -> tuple[int, int]:
+        """(examples per data-parallel rank per step, micro-batches they are split into)."""
+        per_rank = self.global_batch // dp
+        n = max(1, per_rank // self.micro_batch)
+        while per_rank % n:
+            n += 1
+        return per_rank, n
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`."""
+        return cls(**d)

@@ -1,0 +1,295 @@
+"""The per-worker training loop that Ray Train runs on every rank of the DP x PP x TP grid.
+
+Only the first rank of each model replica (tp_rank == pp_rank == 0) reads from Ray Data; it broadcasts
+each batch to the other ranks of its replica, so TP/PP ranks see the same examples.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pali.config import PaLIConfig
+from pali.train.config import TrainConfig
+
+BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "image_mask", "task_id")
+
+
+def batch_shapes(mcfg: PaLIConfig, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of one rank's batch of n examples (what non-reading ranks allocate)."""
+    s = mcfg.vision.image_size
+    return {"pixel_values": ((n, mcfg.vision.channels, s, s), torch.float32),
+            "input_ids": ((n, mcfg.max_text_len), torch.long),
+            "attention_mask": ((n, mcfg.max_text_len), torch.long),
+            "labels": ((n, mcfg.max_target_len), torch.long),
+            "image_mask": ((n,), torch.long),
+            "task_id": ((n,), torch.long)}
+
+
+def to_tensors(batch: dict[str, np.ndarray], tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A numpy batch from Ray Data as torch tensors (task names -> ids)."""
+    out = {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in BATCH_KEYS[:4]}
+    out["pixel_values"] = out["pixel_values"].float()
+    for k in ("input_ids", "attention_mask", "labels"):
+        out[k] = out[k].long()
+    n = out["input_ids"].shape[0]
+    out["image_mask"] = torch.as_tensor(batch["image_mask"]).long().view(n) if "image_mask" in batch \
+        else torch.ones(n, dtype=torch.long)
+    index = {t: i for i, t in enumerate(tasks)}
+    out["task_id"] = torch.tensor([index.get(str(t), len(tasks)) for t in batch.get("task", [""] * n)])
+    out["shard_index"] = torch.as_tensor(batch["shard_index"]).long() if "shard_index" in batch \
+        else torch.zeros(n, dtype=torch.long)
+    return out
+
+
+class ReplicaFeeder:
+    """Yields this replica's batches: the reading rank pulls from Ray Data, the others receive them."""
+
+    def __init__(self, iterator, mcfg: PaLIConfig, per_rank: int, group, src: int, reader: bool,
+                 tasks: tuple[str, ...], skip_before_shard: int = 0):
+        self.it, self.mcfg, self.n, self.group, self.src = iterator, mcfg, per_rank, group, src
+        self.reader, self.tasks = reader, tasks
+        self.skip = skip_before_shard
+        self._rows = None
+        self.current_shard = 0
+
+    def _row_source(self):
+        while True:  # each pass over the split is one more pass over the (already multi-epoch) shard list
+            got = False
+            for b in self.it.iter_batches(batch_size=self.n, batch_format="numpy", drop_last=True,
+                                          prefetch_batches=2):
+                got = True
+                t = to_tensors(b, self.tasks)
+                if int(t["shard_index"].max()) < self.skip:
+                    continue
+                yield t
+            if not got:
+                raise RuntimeError("the training data produced no full batch; add shards or lower the batch")
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch of `per_rank` examples (identical on every rank of the replica)."""
+        if self.reader:
+            if self._rows is None:
+                self._rows = self._row_source()
+            b = next(self._rows)
+            self.current_shard = int(b["shard_index"].min())
+        else:
+            b = {k: torch.empty(shape, dtype=dt) for k, (shape, dt) in batch_shapes(self.mcfg, self.n).items()}
+        if self.group is not None:
+            for k in BATCH_KEYS:
+                dist.broadcast(b[k], src=self.src, group=self.group)
+        return b
+
+
+def _replica_groups(world: int, mp: int):
+    """One process group per model replica (ranks sharing a dp index); every rank creates all of them."""
+    groups = [dist.new_group(list(range(d * mp, (d + 1) * mp))) for d in range(world // mp)] if mp > 1 else None
+    return groups
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (runs on every worker)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from pali.data.prompts import TASKS
+    from pali.parallel import Grid, build_engine, slice_for
+    from pali.tokenizer import Tokenizer
+    from pali.train import checkpointing as ck
+    from pali.train.metrics import MetricsLogger, peak_flops
+    from pali.train.optim import build_optimizer, build_scheduler
+
+    cfg = TrainConfig.from_dict(config["train"])
+    mcfg = PaLIConfig.from_dict(config["model"])
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    mp = cfg.tp * cfg.pp
+    if world % mp:
+        raise ValueError(f"world size {world} is not a multiple of tp*pp = {mp}")
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    grid = Grid.init(dp=world // mp, pp=cfg.pp, tp=cfg.tp)
+    per_rank, n_micro = cfg.microbatches(grid.dp)
+    torch.manual_seed(cfg.seed + rank)
+
+    # --- state: latest checkpoint of this run, else an init checkpoint, else a seeded init ---
+    ckpt = ray.train.get_checkpoint()
+    loaded, start_step, data_pos = None, 0, 0
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            loaded = ck.load_full(d)
+        start_step = int(loaded["meta"]["step"])
+        data_pos = int(loaded["meta"].get("data_position", 0))
+        full_state = loaded["model"]
+    elif config.get("init_state_path"):
+        from safetensors.torch import load_file
+
+        full_state = load_file(config["init_state_path"])
+    else:
+        full_state = None
+    engine = build_engine(mcfg, grid, full_state, seed=cfg.seed, dp_mode=cfg.dp_mode, schedule=cfg.pp_schedule,
+                          num_microbatches=n_micro, device=device,
+                          autocast_dtype=torch.bfloat16 if cfg.use_gpu else None,
+                          activation_checkpointing=cfg.activation_checkpointing)
+    named = list(engine.named_parameters())
+    opt = build_optimizer([p for _, p in named], cfg)
+    sched = build_scheduler(opt, cfg)
+    if loaded is not None:
+        same_layout = loaded["layout"] and all(loaded["layout"].get(k) == v for k, v in
+                                               {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp}.items())
+        ck.restore_optimizer(opt, named, loaded["optim"], loaded["optim_scalars"], engine.shard_spec(), slice_for)
+        if not same_layout and cfg.optimizer == "adafactor":
+            print(f"[pali] layout changed {loaded['layout']} -> dp={grid.dp} pp={grid.pp} tp={grid.tp}: "
+                  "Adafactor's factored moments restart (AdamW state reshards exactly)")
+        for _ in range(start_step):
+            sched.step()
+        if same_layout and loaded["rng"].get(rank) is not None:
+            torch.set_rng_state(loaded["rng"][rank])
+        del loaded
+
+    # --- data ---
+    reader = grid.tp_rank == 0 and grid.pp_rank == 0
+    groups = _replica_groups(world, mp)
+    it = ray.train.get_dataset_shard("train")
+    if reader and it is None:
+        raise RuntimeError(f"rank {rank} reads data but received no dataset shard")
+    shard_offset = int(config.get("shard_offset", 0))
+    feeder = ReplicaFeeder(it, mcfg, per_rank, None if groups is None else groups[grid.dp_rank],
+                           grid.dp_rank * mp, reader, TASKS, skip_before_shard=data_pos - shard_offset)
+
+    # --- loop ---
+    out_dir = Path(cfg.output_dir)
+    log = MetricsLogger(out_dir, enabled=(rank == 0))
+    tasks = list(TASKS)
+    flops = mcfg_flops = None
+    from pali.models.pali import flops_per_example
+
+    peak = peak_flops(cfg.use_gpu, world)
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="pretrain", unit="step", mininterval=2.0)
+    acc = _Accumulator(len(tasks))
+    engine.train()
+    for step in range(start_step, cfg.steps):
+        if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == min(1, world - 1):
+            marker = out_dir / ".injected_failure"
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"rank {rank} killed at step {step}\n")
+                print(f"[pali] injected failure: rank {rank} exits at step {step}", flush=True)
+                os._exit(1)
+        t0 = time.perf_counter()
+        batch = feeder.next()
+        t_data = time.perf_counter() - t0
+        inputs = {k: batch[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask", "labels",
+                                                   "image_mask")}
+        res = engine.train_step(inputs)
+        gnorm = engine.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+        opt.step()
+        sched.step()
+        engine.zero_grad()
+        dt = time.perf_counter() - t0
+        # Per-task sums from this replica's reading rank, summed over the world (others add zeros).
+        acc.add(res, batch["task_id"], batch["input_ids"], batch["image_mask"], reader, dt, t_data,
+                float(gnorm))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.3f}", refresh=False)
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.log_every == 0 or last:
+            rec = acc.reduce(tasks)
+            if flops is None:
+                prompt = rec.pop("_prompt_len", mcfg.max_text_len)
+                target = rec.pop("_target_len", mcfg.max_target_len)
+                flops = flops_per_example(mcfg, int(prompt), int(target))
+                mcfg_flops = flops
+            rec.pop("_prompt_len", None)
+            rec.pop("_target_len", None)
+            rec["mfu"] = mcfg_flops * rec["examples_per_s"] / peak
+            rec["lr"] = sched.get_last_lr()[0]
+            log.log(step + 1, rec)
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
+            position = _data_position(feeder, reader, shard_offset)
+            meta = None
+            if rank == 0:
+                meta = {"step": step + 1, "world_size": world, "data_position": position,
+                        "layout": {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp},
+                        "model": mcfg.to_dict(), "train": cfg.to_dict(), "time": time.time()}
+            with tempfile.TemporaryDirectory(prefix="pali-ckpt-") as tmp:
+                ck.save_shard(tmp, rank, {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp, "dp_rank": grid.dp_rank,
+                                          "pp_rank": grid.pp_rank, "tp_rank": grid.tp_rank},
+                              engine.shard_spec(), engine.local_state_dict(), opt, named, meta,
+                              Tokenizer.from_proto(config["tokenizer_bytes"]) if rank == 0 else None)
+                ray.train.report({"step": step + 1, "loss": float(res.loss), "data_position": position},
+                                 checkpoint=Checkpoint.from_directory(tmp))
+    if bar is not None:
+        bar.close()
+    log.close()
+    grid.destroy()
+
+
+def _data_position(feeder: ReplicaFeeder, reader: bool, shard_offset: int) -> int:
+    """Global shard cursor that every replica has reached: the smallest shard any reader is inside."""
+    pos = torch.tensor([feeder.current_shard + shard_offset if reader else 2**62], dtype=torch.long)
+    dist.all_reduce(pos, op=dist.ReduceOp.MIN)
+    return int(pos.item())
+
+
+class _Accumulator:
+    """Sums of loss / tokens / timings between two log records (all-reduced at log time)."""
+
+    def __init__(self, num_tasks: int):
+        self.k = num_tasks
+        self.reset()
+
+    def reset(self) -> None:
+        self.task = torch.zeros(2 * (self.k + 1), dtype=torch.float64)  # loss sums, then token counts
+        self.totals = torch.zeros(5, dtype=torch.float64)  # examples, images, prompt tokens, target tokens, 0
+        self.steps = 0
+        self.loss_sum = 0.0
+        self.time = 0.0
+        self.data_time = 0.0
+        self.gnorm = 0.0
+
+    def add(self, res, task_id, input_ids, image_mask, reader: bool, dt: float, t_data: float,
+            gnorm: float) -> None:
+        if reader:
+            ls = res.example_loss_sum.detach().double().cpu()
+            nt = res.example_tokens.detach().double().cpu()
+            tid = task_id.clamp(max=self.k)
+            self.task.index_add_(0, tid, ls)
+            self.task.index_add_(0, tid + self.k + 1, nt)
+            self.totals += torch.tensor([len(tid), float(image_mask.sum()), float((input_ids != 0).sum()),
+                                         float(nt.sum()), 0.0], dtype=torch.float64)
+        self.steps += 1
+        self.loss_sum += float(res.loss)
+        self.time += dt
+        self.data_time += t_data
+        self.gnorm += gnorm
+
+    def reduce(self, tasks: list[str]) -> dict[str, float]:
+        buf = torch.cat([self.task, self.totals])
+        dist.all_reduce(buf)
+        task, totals = buf[: 2 * (self.k + 1)], buf[2 * (self.k + 1):]
+        n = max(self.steps, 1)
+        rec = {"loss": self.loss_sum / n, "step_time_s": self.time / n, "data_wait_s": self.data_time / n,
+               "data_wait_frac": self.data_time / max(self.time, 1e-9), "grad_norm": self.gnorm / n,
+               "examples_per_s": float(totals[0]) / max(self.time, 1e-9),
+               "images_per_s": float(totals[1]) / max(self.time, 1e-9),
+               "tokens_per_s": float(totals[2] + totals[3]) / max(self.time, 1e-9),
+               "_prompt_len": float(totals[2] / max(totals[0], 1)),
+               "_target_len": float(totals[3] / max(totals[0], 1))}
+        for i, name in enumerate(tasks):
+            if task[self.k + 1 + i] > 0:
+                rec[f"loss/{name}"] = float(task[i] / task[self.k + 1 + i])
+        self.reset()
+        return rec

@@ -1,0 +1,47 @@
+"""Optimizers and learning-rate schedules (PaLI: linear warmup then inverse-sqrt decay)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pali.train.config import TrainConfig
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at `step` (0-based)."""
+    warm = max(cfg.warmup_steps, 1)
+    if step < cfg.warmup_steps:
+        return (step + 1) / warm
+    if cfg.schedule == "rsqrt":
+        return math.sqrt(warm / (step + 1))
+    if cfg.schedule == "cosine":
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; expected rsqrt, cosine or constant")
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay on matrices only) or Adafactor (transformers' implementation)."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adamw or adafactor")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))

@@ -1,0 +1,241 @@
+"""Driver side of pretraining: data preparation, the Ray Train `TorchTrainer`, consolidation.
+
+Data position: shards are visited in a seeded order per epoch; a global shard cursor g (epoch * n + i)
+is recorded in every checkpoint. Each time the worker group starts (first start, failure restart,
+elastic resize, or a rerun with the same run name) the dataset is rebuilt from the latest complete
+checkpoint's cursor, so a resume repeats at most the shards that were in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pali.config import PaLIConfig, get_preset
+from pali.train.config import TrainConfig
+
+
+def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> PaLIConfig:
+    """The preset with the run's overrides (and the tokenizer's vocabulary size, rounded up to 128)."""
+    if cfg.init_from:
+        from pali.checkpoint import load_config
+
+        mcfg = load_config(cfg.init_from)
+    else:
+        mcfg = get_preset(cfg.preset)
+    overrides = dict(cfg.model_overrides)
+    if vocab_size is not None and not cfg.init_from:
+        overrides.setdefault("text__vocab_size", max(mcfg.text.vocab_size, int(math.ceil(vocab_size / 128) * 128)))
+    return mcfg.with_overrides(**overrides) if overrides else mcfg
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    """Where Ray Train keeps this run's checkpoints."""
+    return Path(storage_path(cfg)) / cfg.name
+
+
+def storage_path(cfg: TrainConfig) -> str:
+    """Ray Train storage path (absolute local dir or a URI)."""
+    if cfg.storage_path:
+        return cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    return str((Path(cfg.output_dir) / "ray").resolve())
+
+
+def shard_order(shards: list[str], epoch: int, seed: int) -> list[str]:
+    """The seeded visiting order of the shards in one epoch."""
+    perm = np.random.RandomState(seed + 7919 * epoch).permutation(len(shards))
+    return [shards[i] for i in perm]
+
+
+def shards_from(shards: list[str], cursor: int, count: int, seed: int) -> list[str]:
+    """`count` shard paths starting at global cursor `cursor` (crossing epochs)."""
+    n = len(shards)
+    return [shard_order(shards, g // n, seed)[g % n] for g in range(cursor, cursor + count)]
+
+
+def count_rows(shards: list[str]) -> int | None:
+    """Rows over the shards from parquet metadata (None when not all are local parquet)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+    except Exception:
+        return None
+
+
+class DatasetFactory:
+    """Called by Ray Train at every worker-group start: the training dataset from the latest cursor."""
+
+    def __init__(self, cfg: TrainConfig, mcfg: PaLIConfig, tokenizer, shards: list[str]):
+        self.cfg, self.mcfg, self.tokenizer, self.shards = cfg, mcfg, tokenizer, shards
+
+    def __call__(self):
+        from pali.data.pipeline import DataConfig, build_dataset
+        from pali.train.checkpointing import latest_complete, read_meta
+
+        cursor, step = 0, 0
+        latest = latest_complete(run_dir(self.cfg))
+        if latest is not None:
+            meta = read_meta(latest)
+            cursor, step = int(meta.get("data_position", 0)), int(meta["step"])
+        remaining = max(self.cfg.steps - step, 1) * self.cfg.global_batch
+        rows = count_rows(self.shards)
+        per_shard = rows / len(self.shards) if rows else 64
+        count = int(math.ceil(remaining / max(per_shard, 1) * 1.3)) + 2 * len(self.shards)
+        paths = shards_from(self.shards, cursor, count, self.cfg.seed)
+        dcfg = DataConfig.for_model(self.mcfg, task_weights=self.cfg.task_weights or _default_weights(),
+                                    seed=self.cfg.seed, batch_size=self.cfg.micro_batch,
+                                    stats_name=f"pali-data-stats-{self.cfg.name}")
+        ds = build_dataset(dcfg, self.tokenizer, paths)
+        return ds
+
+
+def _default_weights():
+    from pali.data.pipeline import DataConfig
+
+    return DataConfig().task_weights
+
+
+def make_data_config(tp: int, pp: int):
+    """A Ray Train DataConfig that hands one streaming split per model replica to its reading rank."""
+    from ray.train import DataConfig
+
+    class ReplicaDataConfig(DataConfig):
+        """Split over data-parallel replicas only; TP/PP ranks receive their batch from the reader."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            mp = tp * pp
+            if world_size % mp:
+                raise ValueError(f"world size {world_size} is not a multiple of tp*pp = {mp}")
+            dp = world_size // mp
+            out: list[dict] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                ds.context.execution_options.preserve_order = True
+                splits = ds.streaming_split(dp, equal=True)
+                for d in range(dp):
+                    for j in range(mp):
+                        out[d * mp + j][name] = splits[d] if j == 0 else None
+            return out
+
+    return ReplicaDataConfig()
+
+
+def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
+    """Tokenizer, training shard list and model config (generating the default data when absent)."""
+    from pali.data.pipeline import list_shards, train_tokenizer_from_shards
+    from pali.tokenizer import Tokenizer
+
+    for paths, seed, n in ((cfg.data, cfg.seed, 4096), (cfg.eval_data, cfg.seed + 1000, 256)):
+        if paths == ["data/train"] or paths == ["data/val"]:
+            _ensure_synthetic(paths[0], n, seed)
+    shards = list_shards(cfg.data)
+    if cfg.tokenizer:
+        tok = Tokenizer.load(cfg.tokenizer)
+    elif cfg.init_from:
+        tok = Tokenizer.load(Path(cfg.init_from) / "tokenizer.model")
+    else:
+        vocab = get_preset(cfg.preset).with_overrides(**cfg.model_overrides).text.vocab_size
+        tok_path = Path(cfg.output_dir) / "tokenizer.model"
+        tok = Tokenizer.load(tok_path) if tok_path.is_file() else \
+            train_tokenizer_from_shards(shards, vocab, out_path=tok_path, seed=cfg.seed)
+    mcfg = model_config(cfg, tok.vocab_size)
+    if tok.vocab_size > mcfg.text.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "
+                         f"{mcfg.text.vocab_size}; expected tokenizer vocab <= model vocab")
+    return tok, shards, mcfg
+
+
+def _ensure_synthetic(out_dir: str, n: int, seed: int) -> None:
+    from pali.data.synthetic import write_synthetic_shards
+
+    if Path(out_dir).is_dir() and any(Path(out_dir).glob("*.parquet")):
+        return
+    print(f"[pali] generating {n} synthetic examples into {out_dir} (seed {seed})")
+    write_synthetic_shards(out_dir, num_examples=n, seed=seed, examples_per_shard=256)
+
+
+def fit(cfg: TrainConfig, threads_per_worker: int = 1):
+    """Run (or resume) training on the current Ray cluster; returns (ray Result, model config, tokenizer)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pali.train.loop import train_loop_per_worker
+
+    cfg.validate()
+    tok, shards, mcfg = prepare(cfg)
+    init_state_path = None
+    if cfg.init_from:
+        init_state_path = init_state(cfg, mcfg)
+    workers: int | tuple[int, int] = cfg.workers
+    if cfg.elastic:
+        workers = (cfg.min_workers or cfg.tp * cfg.pp, cfg.max_workers or cfg.min_workers or cfg.workers)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    scaling = ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                            elastic_resize_monitor_interval_s=5.0)
+    run = RunConfig(name=cfg.name, storage_path=storage_path(cfg),
+                    failure_config=FailureConfig(max_failures=cfg.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                    worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads_per_worker)}})
+    loop_config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_bytes": tok.model_proto,
+                   "init_state_path": init_state_path, "threads_per_worker": threads_per_worker}
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                           torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+                           scaling_config=scaling, run_config=run,
+                           datasets={"train": DatasetFactory(cfg, mcfg, tok, shards)},
+                           dataset_config=make_data_config(cfg.tp, cfg.pp))
+    result = trainer.fit()
+    return result, mcfg, tok
+
+
+def init_state(cfg: TrainConfig, mcfg: PaLIConfig) -> str:
+    """Weights file the workers start from when `init_from` is set (no training checkpoint yet).
+
+    A run at another resolution than the init checkpoint (PaLI's high-res phase) gets the position
+    embeddings interpolated here, once, so every worker slices the same tensors.
+    """
+    from safetensors.torch import save_file
+
+    from pali.checkpoint import load_pretrained
+
+    src = Path(cfg.init_from).resolve() / "model.safetensors"
+    model, _ = load_pretrained(cfg.init_from)
+    if model.cfg.vision.image_size == mcfg.vision.image_size:
+        return str(src)
+    old = model.cfg.vision.image_size
+    model.set_image_size(mcfg.vision.image_size)
+    out = Path(cfg.output_dir) / f"init-{mcfg.vision.image_size}px.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    print(f"[pali] position embeddings interpolated {old} px -> {mcfg.vision.image_size} px")
+    return str(out)
+
+
+def consolidate(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Merge a sharded training checkpoint into a serving checkpoint (config.json, model.safetensors,
+    tokenizer.model), written atomically."""
+    from pali.checkpoint import create_model, load_state, save_pretrained
+    from pali.tokenizer import Tokenizer
+    from pali.train.checkpointing import load_full
+
+    full = load_full(ckpt_dir, with_optimizer=False)
+    mcfg = PaLIConfig.from_dict(full["meta"]["model"])
+    model = create_model(mcfg, device="meta")
+    load_state(model, full["model"], source=str(ckpt_dir))
+    if tokenizer is None:
+        tokenizer = Tokenizer.load(Path(ckpt_dir) / "tokenizer.model")
+    extra = {"training": {"step": full["meta"]["step"], "layout": full["meta"]["layout"]}}
+    return save_pretrained(model, tokenizer, out_dir, extra=extra)
+
+
+def write_summary(path: str | os.PathLike, summary: dict) -> None:
+    """JSON summary of a finished run."""
+    Path(path).write_text(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,80 @@
+"""Serve a checkpoint on this machine: `python -m serve --checkpoint CKPT [--port 8000]`.
+
+Starts (or joins, with `--address`) a Ray cluster, runs the Serve application on 127.0.0.1 and blocks
+until Ctrl-C. For clusters use `serve run serve/config.yaml` / `serve deploy serve/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from serve.config import AppArgs, AutoscalingArgs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="serving checkpoint directory (the default model)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                   help="another checkpoint under a name (repeatable); the default is named by --name")
+    p.add_argument("--name", default="default", help="name of --checkpoint in the API (default: default)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="1 turns batching off")
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--num-replicas", type=int, default=None, help="fixed replicas (default: autoscale)")
+    p.add_argument("--min-replicas", type=int, default=1)
+    p.add_argument("--max-replicas", type=int, default=2)
+    p.add_argument("--num-cpus", type=float, default=0.5, help="logical CPUs reserved per replica")
+    p.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    return p.parse_args(argv)
+
+
+def app_args(ns: argparse.Namespace) -> AppArgs:
+    """`AppArgs` from parsed flags."""
+    models = {ns.name: os.path.abspath(ns.checkpoint)}
+    for spec in ns.model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--model {spec!r}: expected NAME=DIR")
+        models[name] = os.path.abspath(path)
+    mbs = ns.max_batch_size
+    target = max(mbs, 2)
+    return AppArgs(models=models, default_model=ns.name, max_batch_size=mbs,
+                   batch_wait_timeout_s=ns.batch_wait_timeout_s, max_ongoing_requests=int(target * 1.5),
+                   num_replicas=ns.num_replicas, num_cpus=ns.num_cpus, torch_threads=ns.torch_threads,
+                   autoscaling=AutoscalingArgs(min_replicas=ns.min_replicas, max_replicas=ns.max_replicas,
+                                               target_ongoing_requests=target))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run until interrupted."""
+    ns = parse_args(argv)
+    args = app_args(ns)
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(ns.torch_threads))
+    ray.init(address=ns.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(ns.torch_threads)}})
+    serve.start(http_options={"host": ns.host, "port": ns.port})
+    serve.run(build_app(args), name="pali", route_prefix="/")
+    print(f"PaLI serving {sorted(args.models)} at http://{ns.host}:{ns.port}/ (docs at /docs); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

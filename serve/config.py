@@ -1,0 +1,114 @@
+"""Arguments of the Serve application and the rules its Serve settings must follow.
+
+`AppArgs` is what `serve/config.yaml` passes under `applications[].args` (Ray validates builder
+arguments against it), what `python -m serve` fills from its flags and what tests build directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TASKS: tuple[str, ...] = ("caption", "vqa", "ocr", "raw")
+"""Tasks of `POST /v1/generate`: the serving tasks of `pali.data.prompts` plus `raw` (prompt verbatim)."""
+
+
+class AutoscalingArgs(BaseModel):
+    """The subset of Serve's `autoscaling_config` this app sets (Serve's own names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(4, ge=1, description="Most replicas Serve may start.")
+    target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica Serve aims at.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before scaling up.")
+    downscale_delay_s: float = Field(300.0, ge=0, description="Load must stay low this long before scaling down.")
+    metrics_interval_s: float | None = Field(None, gt=0, description="How often replicas report load (Serve default if unset).")
+    look_back_period_s: float | None = Field(None, gt=0, description="Window averaged for decisions (Serve default if unset).")
+
+    def to_serve(self) -> dict[str, Any]:
+        """The dict for `Deployment.options(autoscaling_config=...)` (unset optional keys left out)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class AppArgs(BaseModel):
+    """Arguments of `serve.app:build_app` (the `args:` block of `serve/config.yaml`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, str] = Field(..., min_length=1,
+                                   description="Model name -> serving checkpoint directory (config.json, "
+                                               "model.safetensors, tokenizer.model).")
+    default_model: str | None = Field(None, description="Model used when a request names none (first of `models` if unset).")
+    max_models_per_replica: int = Field(2, ge=1, description="Checkpoints one replica keeps loaded; the least recently used is evicted.")
+    preload_default: bool = Field(True, description="Load the default model when a replica starts, so a broken checkpoint fails the replica.")
+    max_batch_size: int = Field(16, ge=1, description="Most requests decoded together (1 turns batching off).")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a partial batch waits for more requests.")
+    max_ongoing_requests: int = Field(24, ge=1, description="Requests one replica holds at once (>= max_batch_size).")
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; unset means autoscaling.")
+    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs, description="Serve autoscaling settings.")
+    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs reserved per replica (fractional on small machines).")
+    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per replica; 'auto' = 1 when the cluster has GPUs, else 0.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica on CPU.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype on GPU (CPU always float32).")
+    max_new_tokens_limit: int = Field(64, ge=1, description="Largest max_new_tokens a request may ask for.")
+    max_beams: int = Field(8, ge=1, description="Largest num_beams a request may ask for.")
+    max_temperature: float = Field(2.0, gt=0, description="Largest sampling temperature (0 = greedy).")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="Largest decoded image (width*height); guards against decompression bombs.")
+    max_body_bytes: int = Field(10 * 2**20, ge=1024, description="Largest request body in bytes.")
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not name or any(c in name for c in " /\\\n"):
+                raise ValueError(f"model name {name!r} must be non-empty without spaces or slashes")
+        return v
+
+    @model_validator(mode="after")
+    def _rules(self) -> AppArgs:
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not in models {sorted(self.models)}")
+        check_serve_settings(self.max_batch_size, self.max_ongoing_requests,
+                             None if self.num_replicas else self.autoscaling.to_serve())
+        return self
+
+    @property
+    def default(self) -> str:
+        """Name of the model used when a request names none."""
+        return self.default_model or next(iter(self.models))
+
+    def check_checkpoints(self) -> None:
+        """Raise FileNotFoundError naming every configured checkpoint without a `config.json`."""
+        bad = [f"{n}: {d}" for n, d in self.models.items() if not (Path(d) / "config.json").is_file()]
+        if bad:
+            raise FileNotFoundError(f"serving checkpoints not found (no config.json): {bad}; expected directories "
+                                    "written by pali.save_pretrained")
+
+
+def check_serve_settings(max_batch_size: int, max_ongoing_requests: int,
+                         autoscaling: dict[str, Any] | None) -> None:
+    """Raise ValueError unless the Serve settings can both fill batches and trigger autoscaling.
+
+    Serve never hands a replica more than `max_ongoing_requests`, so a larger batch never fills; and
+    a replica must be allowed to hold more than `target_ongoing_requests` (20-50 % more) or the load
+    the autoscaler sees never exceeds its target. Scaling down must be much slower than scaling up.
+    """
+    if max_ongoing_requests < max_batch_size:
+        raise ValueError(f"max_ongoing_requests={max_ongoing_requests} < max_batch_size={max_batch_size}; "
+                         "expected max_ongoing_requests >= max_batch_size or batches never fill")
+    if not autoscaling:
+        return
+    target = autoscaling.get("target_ongoing_requests", 2)
+    if not 1.2 * target <= max_ongoing_requests <= 1.5 * target + 1e-9:
+        raise ValueError(f"max_ongoing_requests={max_ongoing_requests} with target_ongoing_requests={target}; "
+                         f"expected 20-50 % above the target ({1.2 * target:g}..{1.5 * target:g})")
+    lo, hi = autoscaling.get("min_replicas", 1), autoscaling.get("max_replicas", 1)
+    if lo > hi:
+        raise ValueError(f"min_replicas={lo} > max_replicas={hi}")
+    up, down = autoscaling.get("upscale_delay_s", 30.0), autoscaling.get("downscale_delay_s", 600.0)
+    if down < 2 * up:
+        raise ValueError(f"downscale_delay_s={down} < 2 * upscale_delay_s={up}; expected scaling down much "
+                         "slower than scaling up (replicas flap otherwise)")

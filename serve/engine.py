@@ -1,0 +1,216 @@
+"""Request preparation and batched decoding, independent of Ray and HTTP.
+
+A request becomes an `Item` (pixels, prompt ids, decoding parameters, model); `decode_items` groups
+items that share a model and decoding parameters and runs one batched encoder pass and one batched
+KV-cache decode per group, so every answer equals what decoding that request alone gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pali.data.prompts import SUPPORTED_LANGS, build_prompt
+from serve.config import TASKS
+from serve.preprocess import InputError
+
+
+@dataclass
+class LoadedModel:
+    """One serving checkpoint loaded in a replica."""
+
+    name: str
+    """Name the API knows it by."""
+    model: torch.nn.Module
+    """The PaLI model in eval mode."""
+    tokenizer: object
+    """Its `pali.tokenizer.Tokenizer`."""
+    device: str = "cpu"
+    """Where the weights live."""
+
+    @property
+    def image_size(self) -> int:
+        """Input resolution of the vision tower."""
+        return self.model.cfg.vision.image_size
+
+    @property
+    def max_text_len(self) -> int:
+        """Longest prompt (tokens, eos included) the model accepts."""
+        return self.model.cfg.max_text_len
+
+
+def load_model(name: str, ckpt_dir: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a serving checkpoint (safetensors + json + sentencepiece; no pickle)."""
+    from pali.checkpoint import load_pretrained
+
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint of model {name!r} not found at {ckpt_dir}")
+    torch_dtype = None if device == "cpu" or dtype == "float32" else getattr(torch, dtype)
+    model, tok = load_pretrained(ckpt_dir, device=device, dtype=torch_dtype)
+    return LoadedModel(name=name, model=model.eval(), tokenizer=tok, device=device)
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """Decoding parameters; requests are batched together only when these are equal."""
+
+    max_new_tokens: int
+    """Most tokens generated."""
+    num_beams: int = 1
+    """Beam width (1 = greedy or sampling)."""
+    temperature: float = 0.0
+    """0 = greedy / beam search; > 0 = sampling at this temperature."""
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments of `model.generate`."""
+        sample = self.temperature > 0
+        return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": sample,
+                "temperature": self.temperature if sample else 1.0}
+
+
+@dataclass
+class Item:
+    """One prepared request waiting in a batch."""
+
+    entry: LoadedModel
+    """Model that answers it."""
+    pixels: np.ndarray
+    """float32[3, H, W] preprocessed image."""
+    input_ids: list[int]
+    """Prompt token ids, eos included."""
+    params: DecodeParams
+    """Decoding parameters."""
+
+
+@dataclass
+class Result:
+    """A decoded answer (or the error of its group) and the size of the batch it was decoded in."""
+
+    tokens: list[int] = field(default_factory=list)
+    """Generated ids up to and including eos, padding removed."""
+    text: str = ""
+    """Decoded text."""
+    batch_size: int = 0
+    """Requests decoded in the same generate call."""
+    error: Exception | None = None
+    """Set when decoding the group failed."""
+
+
+def check_params(max_new_tokens: int, num_beams: int, temperature: float, *, max_new_tokens_limit: int,
+                 max_beams: int, max_temperature: float) -> DecodeParams:
+    """Validated `DecodeParams`; InputError naming the bad value and its allowed range otherwise."""
+    if not 1 <= max_new_tokens <= max_new_tokens_limit:
+        raise InputError(f"max_new_tokens={max_new_tokens}; expected 1..{max_new_tokens_limit}")
+    if not 1 <= num_beams <= max_beams:
+        raise InputError(f"num_beams={num_beams}; expected 1..{max_beams}")
+    if not (0.0 <= temperature <= max_temperature) or temperature != temperature:
+        raise InputError(f"temperature={temperature}; expected 0 (greedy) .. {max_temperature}")
+    if temperature > 0 and num_beams > 1:
+        raise InputError(f"temperature={temperature} with num_beams={num_beams}; sampling needs num_beams=1 "
+                         "(use temperature=0 for beam search)")
+    return DecodeParams(max_new_tokens, num_beams, float(temperature))
+
+
+def make_prompt(task: str, lang: str, prompt: str | None) -> str:
+    """The training prompt of `task` in `lang`; `prompt` is the question (vqa) or the whole prompt (raw)."""
+    if task not in TASKS:
+        raise InputError(f"unsupported task {task!r}; expected one of {list(TASKS)}")
+    if lang not in SUPPORTED_LANGS:
+        raise InputError(f"unsupported language {lang!r}; expected one of {list(SUPPORTED_LANGS)}")
+    if task == "raw":
+        if not prompt:
+            raise InputError("task 'raw' needs a non-empty prompt")
+        return prompt
+    if task == "vqa":
+        if not prompt:
+            raise InputError("task 'vqa' needs the question in 'prompt'")
+        return build_prompt("vqa", lang, question=prompt)
+    if prompt:
+        raise InputError(f"task {task!r} takes no prompt (it is built from task and lang); use task 'raw' "
+                         "to send a prompt verbatim")
+    return build_prompt(task, lang)
+
+
+def encode_prompt(entry: LoadedModel, prompt: str) -> list[int]:
+    """Prompt ids with eos; InputError if longer than the model's `max_text_len`."""
+    ids = entry.tokenizer.encode(prompt, add_eos=True)
+    if len(ids) > entry.max_text_len:
+        raise InputError(f"prompt is {len(ids)} tokens; model {entry.name!r} accepts at most "
+                         f"{entry.max_text_len}")
+    return ids
+
+
+def trim(ids: list[int], eos: int = 1, pad: int = 0) -> list[int]:
+    """Generated ids up to and including the first eos, without trailing padding."""
+    if eos in ids:
+        return ids[: ids.index(eos) + 1]
+    while ids and ids[-1] == pad:
+        ids = ids[:-1]
+    return ids
+
+
+@torch.no_grad()
+def decode_group(entry: LoadedModel, items: list[Item]) -> list[list[int]]:
+    """One batched encoder pass + one batched KV-cache decode for items sharing model and params."""
+    model, cfg = entry.model, entry.model.cfg.text
+    params = items[0].params
+    dtype = next(model.parameters()).dtype
+    pixels = torch.from_numpy(np.stack([it.pixels for it in items])).to(entry.device, dtype)  # (B, 3, H, W)
+    s = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), s), cfg.pad_token_id, dtype=torch.long)  # (B, S), right-padded
+    mask = torch.zeros((len(items), s), dtype=torch.long)
+    for i, it in enumerate(items):
+        ids[i, : len(it.input_ids)] = torch.tensor(it.input_ids)
+        mask[i, : len(it.input_ids)] = 1
+    out = model.generate(pixels, ids.to(entry.device), mask.to(entry.device), **params.generate_kwargs())
+    return [trim(row, cfg.eos_token_id, cfg.pad_token_id) for row in out.cpu().tolist()]
+
+
+def decode_items(items: list[Item]) -> tuple[list[Result], list[int]]:
+    """Results in input order, and the size of every generate call made (for batching statistics)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        groups[(id(it.entry), it.params)].append(i)
+    results: list[Result] = [Result() for _ in items]
+    sizes = []
+    for idx in groups.values():
+        entry = items[idx[0]].entry
+        sizes.append(len(idx))
+        try:
+            outs = decode_group(entry, [items[i] for i in idx])
+        except Exception as e:  # one failing group must not fail the other requests of the batch
+            for i in idx:
+                results[i] = dataclasses.replace(results[i], error=e, batch_size=len(idx))
+            continue
+        for i, toks in zip(idx, outs, strict=True):
+            results[i] = Result(tokens=toks, text=entry.tokenizer.decode(toks), batch_size=len(idx))
+    return results, sizes
+
+
+class BatchStats:
+    """Counts of generate calls by batch size (what `/v1/stats` reports)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = defaultdict(int)
+        self.requests = 0
+        self.failures = 0
+        self.started = time.time()
+
+    def record(self, sizes: list[int]) -> None:
+        """Add the batch sizes of one `decode_items` call."""
+        for s in sizes:
+            self.sizes[s] += 1
+            self.requests += s
+
+    def as_dict(self) -> dict:
+        """JSON form."""
+        return {"requests": self.requests, "batches": sum(self.sizes.values()),
+                "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+                "max_batch_size_seen": max(self.sizes, default=0), "failures": self.failures,
+                "uptime_s": round(time.time() - self.started, 3)}

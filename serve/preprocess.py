@@ -1,0 +1,82 @@
+"""Safe image decoding and the model's image preprocessing for serving.
+
+`preprocess_image` must equal the training pipeline's preprocessing (square resize, RGB, scaled to
+[-1, 1], the SigLIP convention). When `pali.data.pipeline` exposes its own `preprocess_image`, that one
+is used so serving and training cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class InputError(ValueError):
+    """A bad request input; `status` is the HTTP status to answer with (400, 404, 413, 422)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_base64(data: str) -> bytes:
+    """Bytes of a base64 string (a `data:image/...;base64,` prefix is allowed)."""
+    if not isinstance(data, str) or not data:
+        raise InputError("image is empty; expected base64-encoded JPEG/PNG bytes")
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InputError(f"image is not valid base64 ({e}); expected base64-encoded JPEG/PNG bytes") from None
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """A fully decoded RGB image from encoded bytes.
+
+    Raises InputError for empty, non-image, truncated or corrupt bytes (400) and for images of more
+    than `max_pixels` pixels (413), checked from the header before any pixel is decompressed.
+    """
+    if not data:
+        raise InputError("image is empty; expected JPEG/PNG bytes")
+    try:
+        with warnings.catch_warnings():
+            # PIL's own bomb guard warns between MAX_IMAGE_PIXELS and twice that; treat it as an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InputError(f"image is {w}x{h} = {w * h} pixels; expected at most {max_pixels}", 413)
+            if w < 1 or h < 1:
+                raise InputError(f"image is {w}x{h}; expected a non-empty image")
+            img.load()
+            return img.convert("RGB")
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"image is too large to decode ({e}); expected at most {max_pixels} pixels", 413) from None
+    except UnidentifiedImageError:
+        raise InputError(f"image bytes are not a recognised image format ({len(data)} bytes starting "
+                         f"{data[:8]!r}); expected JPEG, PNG, WebP, GIF or BMP") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InputError(f"image is truncated or corrupt ({e}); expected a complete JPEG/PNG file") from None
+
+
+def _preprocess_local(img: Image.Image, image_size: int) -> np.ndarray:
+    rgb = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+    x = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
+
+
+def preprocess_image(img: Image.Image, image_size: int) -> np.ndarray:
+    """float32[3, image_size, image_size] in [-1, 1]: the model input for one decoded image."""
+    try:  # one definition for training and serving once the data pipeline provides it
+        from pali.data.pipeline import preprocess_image as pipeline_preprocess
+    except ImportError:
+        return _preprocess_local(img, image_size)
+    return np.asarray(pipeline_preprocess(img, image_size), dtype=np.float32)

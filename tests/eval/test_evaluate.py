@@ -1,0 +1,145 @@
+"""The evaluation job end to end on a tiny random checkpoint and generated shards (real Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pali
+from pali.data.pipeline import train_tokenizer_from_shards
+from pali.data.schema import iter_rows, write_parquet_shard
+from pali.data.synthetic import make_example, write_synthetic_shards
+from pali.data.tasks import supported_tasks
+from pali.eval.report import format_table
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tmp_path_factory):
+    """13 synthetic rows in 3 uneven shards (5+5+3), a trained tokenizer and a random tiny checkpoint."""
+    root = tmp_path_factory.mktemp("eval")
+    shards = write_synthetic_shards(str(root / "shards"), 13, langs=["en", "zh", "fr"], seed=3,
+                                    examples_per_shard=5)
+    tok = train_tokenizer_from_shards(shards, vocab_size=1024)
+    ckpt = pali.save_pretrained(pali.create_model("tiny", seed=0), tok, root / "ckpt")
+    return {"root": root, "shards": shards, "ckpt": str(ckpt)}
+
+
+def _expected(shards, tasks, langs=None):
+    keys = set()
+    for row in iter_rows(shards):
+        if langs and row["lang"] not in langs:
+            continue
+        keys |= {(row["id"], t) for t in tasks if t in supported_tasks(row)}
+    return keys
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end(ray_cluster, tiny_eval, tmp_path):
+    from pali.eval.runner import evaluate
+
+    out = tmp_path / "out"
+    t0 = time.time()
+    metrics = evaluate(tiny_eval["ckpt"], tiny_eval["shards"][0].rsplit("/", 1)[0], out_dir=str(out),
+                       max_new_tokens=6, batch_size=4, num_beams=1)
+    elapsed = time.time() - t0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    keys = [(r["id"], r["task"]) for r in records]
+    # Every example exactly once: 13 rows x their supported tasks, no tail dropped, no duplicates.
+    assert len(keys) == len(set(keys))
+    assert set(keys) == _expected(tiny_eval["shards"], ("caption", "vqa", "ocr"))
+    assert {r["task"] for r in records} == {"caption", "vqa", "ocr"}
+    for r in records:
+        assert set(r) == {"id", "lang", "task", "prompt", "prediction", "references", "error"}
+        assert r["references"] and all(isinstance(x, str) for x in r["references"])
+        assert r["error"] == ""
+        assert r["prompt"].startswith("Answer in " if r["task"] == "vqa" else "Generate the ")
+
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["overall"] == metrics["overall"]
+    assert metrics["overall"]["num_examples"] == len(records)
+    assert set(metrics["langs"]) == {"en", "zh", "fr"}
+    assert metrics["run"]["num_predictions"] == len(records) and metrics["run"]["preset"] == "tiny"
+    for task in ("caption", "vqa", "ocr"):
+        t = metrics["tasks"][task]
+        assert t["num_examples"] == sum(1 for r in records if r["task"] == task)
+        assert 0.0 <= t[{"caption": "cider", "vqa": "accuracy", "ocr": "anls"}[task]] <= 1000.0
+    report = (out / "report.md").read_text()
+    assert "per_language.png" in report and "caption/cider" in report
+    assert (out / "per_language.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mean" in format_table(metrics)
+    assert elapsed < 120, elapsed
+
+
+@pytest.mark.slow
+def test_language_filter_beam_search_and_single_task(ray_cluster, tiny_eval, tmp_path):
+    from pali.eval.runner import evaluate
+
+    metrics = evaluate(tiny_eval["ckpt"], tiny_eval["shards"], tasks=["vqa"], langs=["zh"],
+                       out_dir=str(tmp_path), max_new_tokens=4, batch_size=3, num_beams=2)
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert {(r["id"], r["task"]) for r in records} == _expected(tiny_eval["shards"], ("vqa",), ("zh",))
+    assert list(metrics["tasks"]) == ["vqa"] and list(metrics["langs"]) == ["zh"]
+
+
+def test_bad_checkpoint_and_filters_fail_before_inference(tiny_eval, tmp_path):
+    from pali.eval.runner import evaluate
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((Path(tiny_eval["ckpt"]) / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="does not load"):
+        evaluate(str(broken), tiny_eval["shards"], out_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="does not load"):
+        evaluate(str(tmp_path / "missing"), tiny_eval["shards"], out_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"unknown language filter \['xx'\]"):
+        evaluate(tiny_eval["ckpt"], tiny_eval["shards"], langs=["xx"], out_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"unknown or missing evaluation tasks \['retrieval'\]"):
+        evaluate(tiny_eval["ckpt"], tiny_eval["shards"], tasks=["retrieval"], out_dir=str(tmp_path / "o"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate(tiny_eval["ckpt"], [str(tmp_path / "nope.parquet")], out_dir=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_missing_references_and_absent_language(ray_cluster, tiny_eval, tmp_path):
+    from pali.eval.runner import evaluate
+
+    # Captions only: no question/answer and no ocr_text anywhere.
+    rows = [{**make_example(i, seed=5, langs=["en"]), "question": None, "answer": None, "ocr_text": None}
+            for i in range(3)]
+    shard = write_parquet_shard(rows, str(tmp_path / "captions.parquet"))
+    with pytest.raises(ValueError, match=r"no references for requested task\(s\) \['vqa'\]"):
+        evaluate(tiny_eval["ckpt"], [shard], tasks=["caption", "vqa"], out_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"language filter \['de'\] matches no rows"):
+        evaluate(tiny_eval["ckpt"], [shard], langs=["de"], out_dir=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+    # With the default task list the missing tasks are simply not evaluated.
+    metrics = evaluate(tiny_eval["ckpt"], [shard], out_dir=str(tmp_path / "ok"), max_new_tokens=3)
+    assert list(metrics["tasks"]) == ["caption"] and metrics["overall"]["num_examples"] == 3
+
+
+@pytest.mark.slow
+def test_cli_connects_to_running_cluster(ray_cluster, tiny_eval, tmp_path):
+    """`python -m jobs.evaluate` as `ray job submit` runs it: RAY_ADDRESS points at a live cluster."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "jobs.evaluate", "--checkpoint", tiny_eval["ckpt"], "--data",
+           tiny_eval["shards"][2], "--tasks", "caption,ocr", "--max-new-tokens", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "caption/cider" in proc.stdout
+    assert json.loads((out / "metrics.json").read_text())["run"]["tasks"] == ["caption", "ocr"]
+
+    bad = subprocess.run([*cmd[:3], "--checkpoint", str(tmp_path), *cmd[5:]], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "does not load" in bad.stderr

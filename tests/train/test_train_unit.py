@@ -1,0 +1,105 @@
+"""Unit tests of the training pieces that need no Ray: schedule, config, data cursor, sharded checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pali.parallel.plan import ShardSpec, slice_for
+from pali.train import checkpointing as ck
+from pali.train.config import TrainConfig
+from pali.train.optim import build_optimizer, lr_factor
+from pali.train.trainer import shard_order, shards_from
+
+
+def test_rsqrt_schedule_warms_up_then_decays_as_inverse_sqrt():
+    cfg = TrainConfig(warmup_steps=10, schedule="rsqrt")
+    f = [lr_factor(s, cfg) for s in range(40)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[39] == pytest.approx((10 / 40) ** 0.5)
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
+
+
+def test_cosine_schedule_ends_at_min_ratio():
+    cfg = TrainConfig(warmup_steps=5, schedule="cosine", steps=50, min_lr_ratio=0.1)
+    assert lr_factor(4, cfg) == pytest.approx(1.0)
+    assert lr_factor(50, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"workers": 3, "tp": 2}, r"not a multiple of tp\*pp"),
+    ({"workers": 4, "global_batch": 30}, "does not split evenly"),
+    ({"steps": 0}, "steps must be >= 1"),
+    ({"min_workers": 4, "max_workers": 2}, "min_workers 4 > max_workers 2"),
+])
+def test_config_errors_name_the_problem(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**kw).validate()
+
+
+def test_microbatches_keep_global_batch_constant_when_dp_changes():
+    cfg = TrainConfig(global_batch=32, micro_batch=8)
+    for dp in (1, 2, 4):
+        per_rank, n = cfg.microbatches(dp)
+        assert per_rank * dp == 32 and per_rank % n == 0
+
+
+def test_shard_cursor_crosses_epochs_in_seeded_order():
+    shards = [f"s{i}" for i in range(5)]
+    first = shards_from(shards, 0, 10, seed=3)
+    assert sorted(first[:5]) == shards and sorted(first[5:]) == shards
+    assert first[:5] == shard_order(shards, 0, 3) and first[5:] == shard_order(shards, 1, 3)
+    # Resuming at cursor 7 continues exactly where a run that consumed 7 shards stopped.
+    assert shards_from(shards, 7, 3, seed=3) == first[7:10]
+
+
+def _write_tp2(tmp_path, full: dict[str, torch.Tensor], step: int):
+    specs_by_rank = []
+    for r in range(2):
+        specs = {"w": ShardSpec(tuple(full["w"].shape), 0, r, 2), "b": ShardSpec(tuple(full["b"].shape), None)}
+        local = slice_for(full, specs)
+        params = [(n, torch.nn.Parameter(t.clone())) for n, t in local.items()]
+        opt = torch.optim.AdamW([p for _, p in params], lr=0.1)
+        for _, p in params:
+            p.grad = torch.ones_like(p) * (1 + r)
+        opt.step()
+        meta = {"step": step, "world_size": 2, "data_position": 3} if r == 0 else None
+        ck.save_shard(tmp_path, r, {"dp": 1, "pp": 1, "tp": 2}, specs, local, opt, params, meta)
+        specs_by_rank.append((specs, opt, params))
+    return specs_by_rank
+
+
+def test_sharded_checkpoint_merges_and_reslices_for_another_layout(tmp_path):
+    full = {"w": torch.randn(6, 4), "b": torch.randn(4)}
+    written = _write_tp2(tmp_path, full, step=5)
+    assert ck.is_complete(tmp_path)
+    got = ck.load_full(tmp_path)
+    assert got["meta"]["step"] == 5 and got["meta"]["data_position"] == 3
+    torch.testing.assert_close(got["model"]["w"], full["w"], rtol=0, atol=0)
+    # Adam moments merge like the weights: rank r's exp_avg chunk sits at rows [3r, 3r+3).
+    for r, (_, opt, params) in enumerate(written):
+        p = dict(params)["w"]
+        torch.testing.assert_close(got["optim"]["w"]["exp_avg"][3 * r:3 * r + 3], opt.state[p]["exp_avg"])
+    # Re-slice for TP=1: one rank holding everything, optimizer state restored exactly.
+    specs1 = {"w": ShardSpec((6, 4), None), "b": ShardSpec((4,), None)}
+    params = [(n, torch.nn.Parameter(t.clone())) for n, t in slice_for(got["model"], specs1).items()]
+    cfg = TrainConfig(optimizer="adamw")
+    opt = build_optimizer([p for _, p in params], cfg)
+    n = ck.restore_optimizer(opt, params, got["optim"], got["optim_scalars"], specs1, slice_for)
+    assert n == 4  # exp_avg and exp_avg_sq of w and b
+    torch.testing.assert_close(opt.state[dict(params)["w"]]["exp_avg"], got["optim"]["w"]["exp_avg"])
+
+
+def test_half_written_checkpoint_is_never_latest(tmp_path):
+    full = {"w": torch.randn(6, 4), "b": torch.randn(4)}
+    good, bad = tmp_path / "run" / "checkpoint_a", tmp_path / "run" / "checkpoint_b"
+    _write_tp2(good, full, step=5)
+    _write_tp2(bad, full, step=10)
+    (bad / "rank-00001.safetensors").unlink()  # rank 1 never finished writing
+    assert not ck.is_complete(bad)
+    assert ck.latest_complete(tmp_path / "run") == good
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        ck.load_full(bad)
+    json.loads((good / "meta.json").read_text())
