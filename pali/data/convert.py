@@ -34,7 +34,7 @@ class ConvertReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary."""
-        return {"shards": len(self.paths), "rows": self.rows, "skipped": dict(self.skipped)}
+        return {"shards": len(self.paths), "rows": self.rows, "skipped": {k: v for k, v in self.skipped.items() if v}}
 
 
 def _load_json(path: str, what: str) -> Any:
@@ -139,7 +139,8 @@ def convert_vqa(questions_json: str, annotations_json: str, images_dir: str, out
     last: tuple[int | None, bytes | None] = (None, None)  # questions are grouped by image: keep one in memory
     writer = ShardWriter(out_dir, prefix, examples_per_shard, fmt)
     questions = [q for q in qs["questions"] if isinstance(q, dict)]
-    report.skipped["malformed_question"] += len(qs["questions"]) - len(questions)
+    if len(questions) < len(qs["questions"]):
+        report.skipped["malformed_question"] += len(qs["questions"]) - len(questions)
     for q in sorted(questions, key=lambda q: (str(q.get("image_id")), str(q.get("question_id")))):
         a = by_qid.get(q.get("question_id"))
         if a is None or not isinstance(q.get("question"), str) or not isinstance(q.get("image_id"), int):

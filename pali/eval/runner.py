@@ -3,8 +3,9 @@
 Order of work, so that bad input fails before any model is loaded:
 1. validate tasks, the language filter, the shard list and the checkpoint (config, tensor names and
    shapes, tokenizer) without loading weights;
-2. scan the shards (one Ray task each): examples per (task, language), malformed rows, unreadable files;
-3. stream predictions from the actor pool into `predictions.jsonl` (flushed per batch);
+2. scan the shards (on the driver, or one Ray task each when there are many): examples per
+   (task, language), languages present, malformed rows, bad images, unreadable files;
+3. connect to / start Ray and stream predictions from the actor pool into `predictions.jsonl` (flushed per batch);
 4. score, check that every scanned example was predicted exactly once, write the report.
 """
 
@@ -108,16 +109,25 @@ def _scan_shard(path: str, tasks: tuple[str, ...], langs: tuple[str, ...] | None
             "unsupported_langs": dict(counts["unsupported_langs"]), "bad_images": counts["bad_images"]}
 
 
-def scan_shards(paths: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | None) -> dict[str, Any]:
-    """Examples per (task, lang), languages present, malformed rows and bad images; one Ray task per shard.
+def scan_shards(paths: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | None,
+                ray_tasks_above: int = 8) -> dict[str, Any]:
+    """Examples per (task, lang), languages present, malformed rows and bad images.
 
-    An unreadable shard, or rows in a language the prompts do not support, raise ValueError naming them
-    (before any inference starts).
+    Up to `ray_tasks_above` shards are scanned on the driver (threads; starting Ray workers costs more
+    than reading a few shards), more with one Ray task per shard. An unreadable shard, or rows in a
+    language the prompts do not support, raise ValueError naming them (before any inference starts).
     """
-    import ray
+    args = (tuple(tasks), tuple(langs) if langs else None)
+    if len(paths) <= ray_tasks_above:
+        from concurrent.futures import ThreadPoolExecutor
 
-    scan = ray.remote(num_cpus=0.25)(_scan_shard)
-    results = ray.get([scan.remote(p, tuple(tasks), tuple(langs) if langs else None) for p in paths])
+        with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:
+            results = list(pool.map(lambda p: _scan_shard(p, *args), paths))
+    else:
+        import ray
+
+        scan = ray.remote(num_cpus=0.25)(_scan_shard)
+        results = ray.get([scan.remote(p, *args) for p in paths])
     bad = [f"{r['path']}: {r['error']}" for r in results if r["error"]]
     if bad:
         raise ValueError(f"{len(bad)} shard(s) could not be read: {bad[:5]}")
@@ -174,7 +184,6 @@ def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[s
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 1")
     paths = list_shard_paths(data_paths)
     model_cfg = check_checkpoint(checkpoint)
-    ensure_ray()
 
     t0 = time.time()
     scan = scan_shards(paths, tasks or EVAL_TASKS, langs)
@@ -193,6 +202,7 @@ def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[s
                           batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, dtype=dtype)
     from pali.data.pipeline import DataStats
 
+    ensure_ray()
     stats = DataStats()
     written = 0
     with open(pred_path, "w", encoding="utf-8") as f:

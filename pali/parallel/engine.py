@@ -24,7 +24,13 @@ from pali.checkpoint import create_model
 from pali.config import PaLIConfig
 from pali.parallel.grid import Grid
 from pali.parallel.plan import ShardSpec, merge_shards, slice_for
-from pali.parallel.stages import SHARED_ACROSS_STAGES, TokenLoss, build_stage_model, stage_module
+from pali.parallel.stages import (
+    SHARED_ACROSS_STAGES,
+    TokenLoss,
+    build_stage_model,
+    stage_io_meta,
+    stage_module,
+)
 
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
 
@@ -56,6 +62,7 @@ class Engine:
         self.loss_fn = TokenLoss(cfg.text.pad_token_id, vocab_parallel=grid.tp > 1)
         self._schedules: dict[tuple, object] = {}
         self._shared = [n for n in SHARED_ACROSS_STAGES if n in specs] if grid.pp > 1 else []
+        self.act_dtype = autocast_dtype or next(model.parameters()).dtype
 
     # --- parameters -------------------------------------------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -181,8 +188,13 @@ class Engine:
         if sched is None:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-            stage = PipelineStage(self.module, g.pp_rank, g.pp, self.device, group=g.pp_group)
-            cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
+            mb = args[0].shape[0] // n_mb
+            ins, outs = stage_io_meta(self.cfg, g.pp_rank, g.tp, mb, args[1].shape[1], args[-1].shape[1],
+                                      tuple(args[0].shape[1:]), self.act_dtype)
+            stage = PipelineStage(self.module, g.pp_rank, g.pp, self.device, input_args=ins, output_args=outs,
+                                  group=g.pp_group)
+            # 1F1B needs at least pp micro-batches; with fewer it would be GPipe's order anyway.
+            cls = Schedule1F1B if self.schedule_name == "1f1b" and n_mb >= g.pp else ScheduleGPipe
             sched = cls(stage, n_microbatches=n_mb, loss_fn=self.loss_fn, scale_grads=False)
             self._schedules[key] = sched
         if g.is_first_stage:
@@ -322,7 +334,7 @@ def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Ten
         model.vision_tower.requires_grad_(False)
     if activation_checkpointing:
         _checkpoint_blocks(model)
-    module = stage_module(model, grid.pp, grid.pp_rank)
+    module = stage_module(model, grid.pp, grid.pp_rank, autocast_dtype or next(model.parameters()).dtype)
     if grid.dp > 1:
         module = _wrap_dp(module, grid, dp_mode, device)
     return Engine(cfg, grid, model, specs, module, dp_mode, schedule, num_microbatches, device, autocast_dtype)

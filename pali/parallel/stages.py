@@ -90,36 +90,62 @@ class FullStage(nn.Module):
 
 
 class EncoderStage(nn.Module):
-    """First of two stages: returns (encoder states float[B,S,D], their mask int[B,S], decoder ids int[B,T])."""
+    """First of two stages: returns (encoder states float[B,S,D], their mask int[B,S], decoder ids int[B,T]).
 
-    def __init__(self, model: PaLI):
+    The encoder states leave in `act_dtype` (the autocast dtype, else the parameter dtype), which the
+    static pipeline metadata promises to the next stage.
+    """
+
+    def __init__(self, model: PaLI, act_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.model = model
+        self.act_dtype = act_dtype
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_mask: torch.Tensor, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         enc, enc_mask = self.model.encode(pixel_values, input_ids, attention_mask, image_mask)
-        return enc, enc_mask, self.model.text.shift_right(labels)
+        return enc.to(self.act_dtype), enc_mask, self.model.text.shift_right(labels)
 
 
 class DecoderStage(nn.Module):
-    """Last of two stages: (encoder states, mask, decoder ids) -> logits float[B, T, V/tp]."""
+    """Last of two stages: (encoder states, mask, decoder ids) -> logits float[B, T, V/tp] in `act_dtype`."""
 
-    def __init__(self, model: PaLI):
+    def __init__(self, model: PaLI, act_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.model = model
+        self.act_dtype = act_dtype
 
     def forward(self, enc: torch.Tensor, enc_mask: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
         h = self.model.text.decoder(self.model.text.embed(dec_in), enc, enc_mask)
-        return _logits(self.model, h)
+        return _logits(self.model, h).to(self.act_dtype)
 
 
-def stage_module(model: PaLI, pp: int, pp_rank: int) -> nn.Module:
+def stage_module(model: PaLI, pp: int, pp_rank: int, act_dtype: torch.dtype = torch.float32) -> nn.Module:
     """The nn.Module that runs this rank's stage."""
     if pp == 1:
         return FullStage(model)
-    return EncoderStage(model) if pp_rank == 0 else DecoderStage(model)
+    return EncoderStage(model, act_dtype) if pp_rank == 0 else DecoderStage(model, act_dtype)
+
+
+def stage_io_meta(cfg: PaLIConfig, pp_rank: int, tp: int, mb: int, prompt_len: int, target_len: int,
+                  image_shape: tuple[int, ...], act_dtype: torch.dtype
+                  ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Meta-device (inputs, outputs) of a two-stage pipeline's stage for one micro-batch of `mb` examples.
+
+    Given to `PipelineStage` so it never runs its dynamic shape inference, which feeds uninitialised
+    integer tensors (token ids) to the later stage.
+    """
+    def meta(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
+
+    s_enc = cfg.vision.num_tokens + prompt_len
+    stage0_out = (meta(mb, s_enc, cfg.text.d_model, dtype=act_dtype), meta(mb, s_enc), meta(mb, target_len))
+    if pp_rank == 0:
+        pixels = torch.empty((mb, *image_shape), dtype=torch.float32, device="meta")
+        inputs = (pixels, meta(mb, prompt_len), meta(mb, prompt_len), meta(mb), meta(mb, target_len))
+        return inputs, stage0_out
+    return stage0_out, (meta(mb, target_len, cfg.text.vocab_size // tp, dtype=act_dtype),)
 
 
 class TokenLoss:

@@ -35,16 +35,16 @@ def batch_shapes(mcfg: PaLIConfig, n: int) -> dict[str, tuple[tuple[int, ...], t
 
 def to_tensors(batch: dict[str, np.ndarray], tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """A numpy batch from Ray Data as torch tensors (task names -> ids)."""
-    out = {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in BATCH_KEYS[:4]}
+    out = {k: torch.from_numpy(np.array(batch[k])) for k in BATCH_KEYS[:4]}
     out["pixel_values"] = out["pixel_values"].float()
     for k in ("input_ids", "attention_mask", "labels"):
         out[k] = out[k].long()
     n = out["input_ids"].shape[0]
-    out["image_mask"] = torch.as_tensor(batch["image_mask"]).long().view(n) if "image_mask" in batch \
+    out["image_mask"] = torch.from_numpy(np.array(batch["image_mask"])).long().view(n) if "image_mask" in batch \
         else torch.ones(n, dtype=torch.long)
     index = {t: i for i, t in enumerate(tasks)}
     out["task_id"] = torch.tensor([index.get(str(t), len(tasks)) for t in batch.get("task", [""] * n)])
-    out["shard_index"] = torch.as_tensor(batch["shard_index"]).long() if "shard_index" in batch \
+    out["shard_index"] = torch.from_numpy(np.array(batch["shard_index"])).long() if "shard_index" in batch \
         else torch.zeros(n, dtype=torch.long)
     return out
 
@@ -168,7 +168,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     out_dir = Path(cfg.output_dir)
     log = MetricsLogger(out_dir, enabled=(rank == 0))
     tasks = list(TASKS)
-    flops = mcfg_flops = None
     from pali.models.pali import flops_per_example
 
     peak = peak_flops(cfg.use_gpu, world)
@@ -207,15 +206,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last:
             rec = acc.reduce(tasks)
-            if flops is None:
-                prompt = rec.pop("_prompt_len", mcfg.max_text_len)
-                target = rec.pop("_target_len", mcfg.max_target_len)
-                flops = flops_per_example(mcfg, int(prompt), int(target))
-                mcfg_flops = flops
-            rec.pop("_prompt_len", None)
-            rec.pop("_target_len", None)
-            rec["mfu"] = mcfg_flops * rec["examples_per_s"] / peak
+            # MFU from the FLOPs formula at the batch's real (unpadded) prompt and target lengths.
+            flops = flops_per_example(mcfg, int(rec.pop("_prompt_len")), int(rec.pop("_target_len")))
+            rec["mfu"] = flops * rec["examples_per_s"] / peak
             rec["lr"] = sched.get_last_lr()[0]
+            rec["dp"] = grid.dp
+            rec["global_batch"] = per_rank * grid.dp
             log.log(step + 1, rec)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             position = _data_position(feeder, reader, shard_offset)

@@ -92,6 +92,7 @@ class DatasetFactory:
                                     seed=self.cfg.seed, batch_size=self.cfg.micro_batch,
                                     stats_name=f"pali-data-stats-{self.cfg.name}")
         ds = build_dataset(dcfg, self.tokenizer, paths)
+        ds.context.enable_progress_bars = False  # the trainer's own bar is the progress display
         return ds
 
 
@@ -169,6 +170,8 @@ def fit(cfg: TrainConfig, threads_per_worker: int = 1):
     from pali.train.loop import train_loop_per_worker
 
     cfg.validate()
+    # Workers run in their own working directory: hand them absolute paths.
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
     tok, shards, mcfg = prepare(cfg)
     init_state_path = None
     if cfg.init_from:

@@ -44,6 +44,18 @@ def png_bytes(seed: int, size: int = 48) -> bytes:
     return buf.getvalue()
 
 
+def png_header_bomb(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims `width` x `height` pixels (a decompression-bomb header)."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(0, size=1))
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1."""
     with socket.socket() as s:
