@@ -23,13 +23,12 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
+import atexit
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,10 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.procs import MARKER_ENV, free_port, has_marker, pids_with_marker, signal_pid, tail
+
 DEFAULT_DIR = "/tmp/pali-lc"
 """Where the CLI keeps its cluster (Ray temp dir, logs, state.json). Short: Unix sockets live below it."""
-MARKER_ENV = "PALI_LOCAL_CLUSTER_NODE"
-"""Environment variable inherited by every process of a node; its value is `<dir>:<node name>`."""
 BASE_ENV = {
     # Loopback-only cluster: no token auth, no usage stats, no thread oversubscription on 2 cores.
     "RAY_AUTH_MODE": "disabled",
@@ -54,13 +53,6 @@ BASE_ENV = {
 _STARTED_MARK = "Ray runtime started."
 _NODE_RESOURCE = re.compile(r"^node:(head|worker-\d+)$")
 _MAX_SOCKET_DIR = 40  # AF_UNIX paths are limited to 107 bytes; Ray adds ~60 below the temp dir.
-
-
-def free_port() -> int:
-    """Return a TCP port that is free on this machine right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -181,6 +173,7 @@ class LocalCluster:
                                    "run `python -m cluster.local_cluster down` first")
             os.makedirs(self.dir, exist_ok=True)
         os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
+        atexit.register(self._stop_at_exit)  # nodes are in their own sessions: never leak them
         try:
             self._start_head()
             if self.num_workers:
@@ -197,14 +190,32 @@ class LocalCluster:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop every node (workers first, then the head) and remove the cluster dir."""
+        """Stop every node (workers first, then the head) and remove what the cluster wrote to `dir`."""
         for node in [n for n in self.nodes if not n.is_head] + [n for n in self.nodes if n.is_head]:
             self._stop_node(node, graceful=True)
         self.nodes.clear()
-        if self.dir and not self.keep_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        elif self.dir and os.path.exists(os.path.join(self.dir, "state.json")):
-            os.remove(os.path.join(self.dir, "state.json"))
+        atexit.unregister(self._stop_at_exit)
+        if not self.dir:
+            return
+        # Remove only what the cluster wrote: `dir` may be a user-chosen directory.
+        owned = ["state.json", "state.json.tmp"] + ([] if self.keep_dir else ["ray", "logs"])
+        for name in owned:
+            path = os.path.join(self.dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+        if not self.keep_dir and os.path.isdir(self.dir) and not os.listdir(self.dir):
+            os.rmdir(self.dir)
+
+    def detach(self) -> None:
+        """Let the nodes outlive this process (the CLI's `up`); `attach(dir).shutdown()` stops them."""
+        self._procs.clear()
+        atexit.unregister(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        if self.nodes:
+            self.shutdown()
 
     # ------------------------------------------------------------------ nodes
     @property
@@ -229,7 +240,7 @@ class LocalCluster:
         """Start `count` worker nodes one after the other and wait until each is registered.
 
         Sequential on purpose: on a 2-core machine parallel boots push a raylet past Ray's fixed
-        30 s registration wait. A node that fails to boot is retried once.
+        30 s registration wait. A node that fails to boot (a loaded machine) is retried twice.
         """
         if self.address is None:
             raise RuntimeError("start the cluster before adding nodes")
@@ -238,7 +249,7 @@ class LocalCluster:
             name = f"worker-{self._next_worker}"
             self._next_worker += 1
             cpus = self.cpus_per_node if num_cpus is None else num_cpus
-            for attempt in range(2):
+            for attempt in range(3):
                 # One log monitor per machine (the head's) already tails every node's worker logs.
                 args = ["--address", self.address, "--dashboard-agent-listen-port", str(free_port()),
                         "--include-log-monitor", "false"]
@@ -250,7 +261,7 @@ class LocalCluster:
                 except (RuntimeError, TimeoutError):
                     self._stop_node(node, graceful=False)
                     self.nodes.remove(node)
-                    if attempt == 1:
+                    if attempt == 2:
                         raise
             new.append(node)
             self._save()
@@ -336,19 +347,28 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ internals
     def _start_head(self) -> None:
-        port, dash_port = free_port(), free_port()
-        args = [
-            "--head", "--port", str(port), "--temp-dir", os.path.join(self.dir, "ray"),
-            "--include-dashboard", "true" if self.include_dashboard else "false",
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
-            "--ray-client-server-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()),
-        ]
-        head = self._launch("head", self.head_cpus, None, args, is_head=True)
-        self._wait_started(head)
-        address_file = os.path.join(self.dir, "ray", "ray_current_cluster")
-        self.address = Path(address_file).read_text().strip()
-        self._wait_registered(["head"])
+        for attempt in range(3):  # a loaded machine (or a port taken meanwhile) can fail a boot
+            port, dash_port = free_port(), free_port()
+            args = [
+                "--head", "--port", str(port), "--temp-dir", os.path.join(self.dir, "ray"),
+                "--include-dashboard", "true" if self.include_dashboard else "false",
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+                "--ray-client-server-port", str(free_port()),
+                "--dashboard-agent-listen-port", str(free_port()),
+            ]
+            head = self._launch("head", self.head_cpus, None, args, is_head=True)
+            try:
+                self._wait_started(head)
+                address_file = os.path.join(self.dir, "ray", "ray_current_cluster")
+                self.address = Path(address_file).read_text().strip()
+                self._wait_registered(["head"])
+                break
+            except (RuntimeError, TimeoutError, FileNotFoundError):
+                self._stop_node(head, graceful=False)
+                self.nodes.remove(head)
+                self.address = None
+                if attempt == 2:
+                    raise
         if self.include_dashboard:
             self.dashboard_url = f"http://127.0.0.1:{dash_port}"
             self._wait_http(self.dashboard_url + "/api/version")
@@ -389,10 +409,10 @@ class LocalCluster:
             proc = self._procs.get(node.name)
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"node {node.name} exited with code {proc.returncode} while starting; "
-                                   f"log {node.log_path}:\n{_tail(text)}")
+                                   f"log {node.log_path}:\n{tail(text)}")
             time.sleep(0.2)
         raise TimeoutError(f"node {node.name} did not start within {self.startup_timeout_s}s; "
-                           f"log {node.log_path}:\n{_tail(Path(node.log_path).read_text(errors='replace'))}")
+                           f"log {node.log_path}:\n{tail(Path(node.log_path).read_text(errors='replace'))}")
 
     def _node_ids(self) -> dict[str, str]:
         return {row["name"]: row["node_id"] for row in self.node_table() if row["alive"] and row["name"]}
@@ -442,48 +462,20 @@ class LocalCluster:
         SIGKILL to whatever still carries the node's marker."""
         proc = self._procs.pop(node.name, None)
         marker = self._marker(node.name)
-        if graceful and _has_marker(node.pid, marker):
-            _signal(node.pid, signal.SIGTERM)
+        if graceful and has_marker(node.pid, marker):
+            signal_pid(node.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and node.is_running():
                 if proc is not None and proc.poll() is not None:
                     break
                 time.sleep(0.1)
-        for pid in _pids_with_marker(marker):
-            _signal(pid, signal.SIGKILL)
+        for pid in pids_with_marker(marker):
+            signal_pid(pid, signal.SIGKILL)
         if proc is not None:
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 pass
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _has_marker(pid: int, marker: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f"{MARKER_ENV}={marker}".encode() in f.read().split(b"\0")
-    except OSError:
-        return False
-
-
-def _pids_with_marker(marker: str) -> list[int]:
-    """Pids of live processes whose environment carries `MARKER_ENV=marker` (Linux /proc)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid() and _has_marker(int(entry), marker):
-            pids.append(int(entry))
-    return pids
-
-
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def run_driver(address: str, code: str, timeout_s: float = 120.0,
@@ -498,73 +490,11 @@ def run_driver(address: str, code: str, timeout_s: float = 120.0,
                          timeout=timeout_s, cwd=os.getcwd())
     if res.returncode != 0:
         raise RuntimeError(f"driver exited with code {res.returncode}:\n"
-                           f"{_tail(res.stdout)}\n{_tail(res.stderr)}")
+                           f"{tail(res.stdout)}\n{tail(res.stderr)}")
     return res
 
 
-# ---------------------------------------------------------------------- CLI
-def _print_status(cluster: LocalCluster) -> None:
-    print(f"address:   {cluster.address}")
-    print(f"dashboard: {cluster.dashboard_url or '-'}")
-    print(f"dir:       {cluster.dir}")
-    print(f"{'name':<10} {'pid':>7} {'running':<8} {'alive':<6} {'node_id':<14} resources")
-    table = {row["name"]: row for row in cluster.node_table() if row["alive"]}
-    for node in cluster.nodes:
-        row = table.get(node.name, {})
-        res = {k: v for k, v in row.get("resources", {}).items() if k != "memory"}
-        print(f"{node.name:<10} {node.pid:>7} {str(node.is_running()):<8} {str(bool(row)):<6} "
-              f"{row.get('node_id', '-')[:12]:<14} {res}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m cluster.local_cluster`."""
-    parser = argparse.ArgumentParser(prog="python -m cluster.local_cluster",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--dir", default=os.environ.get("PALI_LOCAL_CLUSTER_DIR", DEFAULT_DIR),
-                        help=f"cluster directory (default {DEFAULT_DIR}, or $PALI_LOCAL_CLUSTER_DIR)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up", help="start a head and worker nodes, then return (they keep running)")
-    up.add_argument("--workers", type=int, default=2, help="worker nodes besides the head (default 2)")
-    up.add_argument("--cpus-per-node", type=int, default=4, help="logical CPUs per worker node (default 4)")
-    up.add_argument("--head-cpus", type=int, default=None, help="logical CPUs of the head (default: same)")
-    up.add_argument("--dashboard", action="store_true", help="start the dashboard and job server")
-    up.add_argument("--object-store-mb", type=int, default=100, help="object store per node in MiB")
-    sub.add_parser("status", help="list the nodes and what the GCS says about them")
-    sub.add_parser("down", help="stop every node of the cluster and remove its directory")
-    add = sub.add_parser("add-node", help="start one more worker node")
-    add.add_argument("--cpus", type=int, default=None, help="logical CPUs (default: --cpus-per-node of up)")
-    rm = sub.add_parser("remove-node", help="stop one worker node")
-    rm.add_argument("name", help="node name, e.g. worker-1")
-    rm.add_argument("--kill", action="store_true", help="SIGKILL (simulate a crash) instead of SIGTERM")
-    args = parser.parse_args(argv)
-
-    if args.cmd == "up":
-        cluster = LocalCluster(args.workers, args.cpus_per_node, head_cpus=args.head_cpus,
-                               include_dashboard=args.dashboard, object_store_mb=args.object_store_mb,
-                               dir=args.dir, keep_dir=True)
-        cluster.start()
-        cluster._procs.clear()  # the nodes outlive this process; `down` stops them by marker
-        _print_status(cluster)
-        print(f"\nconnect: RAY_ADDRESS={cluster.address} python your_driver.py")
-        if cluster.dashboard_url:
-            print(f"submit:  ray job submit --address {cluster.dashboard_url} --working-dir . -- python ...")
-        return 0
-    cluster = LocalCluster.attach(args.dir)
-    if args.cmd == "status":
-        _print_status(cluster)
-    elif args.cmd == "down":
-        cluster.shutdown()
-        print(f"stopped; removed {args.dir}")
-    elif args.cmd == "add-node":
-        default_cpus = (cluster.workers or [cluster.head])[-1].num_cpus
-        node = cluster.add_node(num_cpus=args.cpus if args.cpus is not None else default_cpus)
-        print(f"added {node.name} (pid {node.pid})")
-    elif args.cmd == "remove-node":
-        # A killed node is noticed by the GCS only after its health-check timeout: do not wait.
-        node = cluster.remove_node(args.name, graceful=not args.kill, wait_s=0 if args.kill else 30)
-        print(f"removed {node.name}")
-    return 0
-
-
 if __name__ == "__main__":
+    from cluster.cli import main
+
     sys.exit(main())

@@ -84,7 +84,11 @@ def save_pretrained(model: PaLI, tokenizer, out_dir: str | os.PathLike, extra: d
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous checkpoint back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)

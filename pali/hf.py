@@ -313,10 +313,13 @@ def from_hf(text_dir: str | os.PathLike, vision_dir: str | os.PathLike | None = 
     or a `VisionConfig`). `image_size` runs the tower at another resolution by interpolating its position
     embeddings (e.g. a 224 px checkpoint at 448 px).
     """
-    text_cfg, state = text_state_from_hf(load_weights(text_dir), read_config(text_dir), where=str(text_dir))
+    text_hf = read_config(text_dir)
+    text_config_from_hf(text_hf)  # a wrong model type fails before any weights are read
+    text_cfg, state = text_state_from_hf(load_weights(text_dir), text_hf, where=str(text_dir))
     if vision_dir is not None:
-        vis_cfg, vis_state = vision_state_from_hf(load_weights(vision_dir), read_config(vision_dir),
-                                                  where=str(vision_dir))
+        vision_hf = read_config(vision_dir)
+        vision_config_from_hf(vision_hf)
+        vis_cfg, vis_state = vision_state_from_hf(load_weights(vision_dir), vision_hf, where=str(vision_dir))
         state.update(vis_state)
     else:
         vis_cfg = vision if isinstance(vision, VisionConfig) else vit(vision, image_size or 224)

@@ -27,8 +27,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pali.data.prompts import SUPPORTED_LANGS
 from serve.config import TASKS, AppArgs
-from serve.engine import (BatchStats, Item, LoadedModel, check_params, decode_items, encode_prompt,
-                          load_model, make_prompt)
+from serve.engine import (
+    BatchStats,
+    Item,
+    LoadedModel,
+    check_params,
+    decode_items,
+    encode_prompt,
+    load_model,
+    make_prompt,
+)
 from serve.preprocess import InputError, decode_base64, decode_image, preprocess_image
 
 log = logging.getLogger("ray.serve")
@@ -49,7 +57,8 @@ class GenerateRequest(BaseModel):
     max_new_tokens: int | None = Field(None, description="Most tokens generated (default: the model's max_target_len).")
     num_beams: int = Field(1, description="Beam width; 1 = greedy (or sampling when temperature > 0).")
     temperature: float = Field(0.0, description="0 = greedy / beam search; > 0 samples at this temperature.")
-    model: str | None = Field(None, description="Model name from GET /v1/models (or the serve_multiplexed_model_id header).")
+    model: str | None = Field(None, description="Model name from GET /v1/models (or the "
+                                                "serve_multiplexed_model_id header).")
 
 
 class GenerateResponse(BaseModel):
@@ -219,7 +228,8 @@ class PaLIServer:
             entry = await self.get_model(name)
         except Exception as e:  # a configured checkpoint that cannot load is the server's fault
             return _error(503, f"model {name!r} could not be loaded: {e}")
-        params = check_params(req.max_new_tokens or entry.model.cfg.max_target_len, req.num_beams,
+        max_new = req.max_new_tokens if req.max_new_tokens is not None else entry.model.cfg.max_target_len
+        params = check_params(max_new, req.num_beams,
                               req.temperature, max_new_tokens_limit=self.args.max_new_tokens_limit,
                               max_beams=self.args.max_beams, max_temperature=self.args.max_temperature)
         ids = encode_prompt(entry, prompt)

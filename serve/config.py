@@ -18,15 +18,22 @@ TASKS: tuple[str, ...] = ("caption", "vqa", "ocr", "raw")
 class AutoscalingArgs(BaseModel):
     """The subset of Serve's `autoscaling_config` this app sets (Serve's own names)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
-    max_replicas: int = Field(4, ge=1, description="Most replicas Serve may start.")
-    target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica Serve aims at.")
-    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before scaling up.")
-    downscale_delay_s: float = Field(300.0, ge=0, description="Load must stay low this long before scaling down.")
-    metrics_interval_s: float | None = Field(None, gt=0, description="How often replicas report load (Serve default if unset).")
-    look_back_period_s: float | None = Field(None, gt=0, description="Window averaged for decisions (Serve default if unset).")
+    min_replicas: int = Field(1, ge=0)
+    """Fewest replicas kept running."""
+    max_replicas: int = Field(4, ge=1)
+    """Most replicas Serve may start."""
+    target_ongoing_requests: float = Field(16, gt=0)
+    """Ongoing requests per replica Serve aims at."""
+    upscale_delay_s: float = Field(10.0, ge=0)
+    """Load must stay high this long before scaling up."""
+    downscale_delay_s: float = Field(300.0, ge=0)
+    """Load must stay low this long before scaling down."""
+    metrics_interval_s: float | None = Field(None, gt=0)
+    """How often replicas report load (Serve default if unset)."""
+    look_back_period_s: float | None = Field(None, gt=0)
+    """Window averaged for decisions (Serve default if unset)."""
 
     def to_serve(self) -> dict[str, Any]:
         """The dict for `Deployment.options(autoscaling_config=...)` (unset optional keys left out)."""
@@ -36,28 +43,44 @@ class AutoscalingArgs(BaseModel):
 class AppArgs(BaseModel):
     """Arguments of `serve.app:build_app` (the `args:` block of `serve/config.yaml`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    models: dict[str, str] = Field(..., min_length=1,
-                                   description="Model name -> serving checkpoint directory (config.json, "
-                                               "model.safetensors, tokenizer.model).")
-    default_model: str | None = Field(None, description="Model used when a request names none (first of `models` if unset).")
-    max_models_per_replica: int = Field(2, ge=1, description="Checkpoints one replica keeps loaded; the least recently used is evicted.")
-    preload_default: bool = Field(True, description="Load the default model when a replica starts, so a broken checkpoint fails the replica.")
-    max_batch_size: int = Field(16, ge=1, description="Most requests decoded together (1 turns batching off).")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a partial batch waits for more requests.")
-    max_ongoing_requests: int = Field(24, ge=1, description="Requests one replica holds at once (>= max_batch_size).")
-    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; unset means autoscaling.")
-    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs, description="Serve autoscaling settings.")
-    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs reserved per replica (fractional on small machines).")
-    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per replica; 'auto' = 1 when the cluster has GPUs, else 0.")
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica on CPU.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype on GPU (CPU always float32).")
-    max_new_tokens_limit: int = Field(64, ge=1, description="Largest max_new_tokens a request may ask for.")
-    max_beams: int = Field(8, ge=1, description="Largest num_beams a request may ask for.")
-    max_temperature: float = Field(2.0, gt=0, description="Largest sampling temperature (0 = greedy).")
-    max_image_pixels: int = Field(25_000_000, ge=1, description="Largest decoded image (width*height); guards against decompression bombs.")
-    max_body_bytes: int = Field(10 * 2**20, ge=1024, description="Largest request body in bytes.")
+    models: dict[str, str] = Field(..., min_length=1)
+    """Model name -> serving checkpoint directory (config.json, model.safetensors, tokenizer.model)."""
+    default_model: str | None = Field(None)
+    """Model used when a request names none (first of `models` if unset)."""
+    max_models_per_replica: int = Field(2, ge=1)
+    """Checkpoints one replica keeps loaded; the least recently used is evicted."""
+    preload_default: bool = Field(True)
+    """Load the default model when a replica starts, so a broken checkpoint fails the replica."""
+    max_batch_size: int = Field(16, ge=1)
+    """Most requests decoded together (1 turns batching off)."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    """How long a partial batch waits for more requests."""
+    max_ongoing_requests: int = Field(24, ge=1)
+    """Requests one replica holds at once (>= max_batch_size)."""
+    num_replicas: int | None = Field(None, ge=1)
+    """Fixed replica count; unset means autoscaling."""
+    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+    """Serve autoscaling settings."""
+    num_cpus: float = Field(0.5, gt=0)
+    """Logical CPUs reserved per replica (fractional on small machines)."""
+    num_gpus: float | Literal["auto"] = Field("auto")
+    """GPUs per replica; 'auto' = 1 when the cluster has GPUs, else 0."""
+    torch_threads: int = Field(1, ge=1)
+    """torch intra-op threads per replica on CPU."""
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32")
+    """Weights dtype on GPU (CPU always float32)."""
+    max_new_tokens_limit: int = Field(64, ge=1)
+    """Largest max_new_tokens a request may ask for."""
+    max_beams: int = Field(8, ge=1)
+    """Largest num_beams a request may ask for."""
+    max_temperature: float = Field(2.0, gt=0)
+    """Largest sampling temperature (0 = greedy)."""
+    max_image_pixels: int = Field(25_000_000, ge=1)
+    """Largest decoded image (width*height); guards against decompression bombs."""
+    max_body_bytes: int = Field(10 * 2**20, ge=1024)
+    """Largest request body in bytes."""
 
     @field_validator("models")
     @classmethod

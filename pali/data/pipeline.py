@@ -177,8 +177,10 @@ class DataStats:
         self._actor = _Counter.options(**opts).remote()
 
     def add(self, **counts: int) -> None:
-        """Add counts (fire and forget)."""
-        self._actor.add.remote(counts, time.time())
+        """Add counts; waits for the actor, so totals are complete once the data has been consumed."""
+        import ray
+
+        ray.get(self._actor.add.remote(counts, time.time()))
 
     def get(self) -> dict[str, Any]:
         """Current totals: rows, bad_shards, malformed_rows, bad_images, filtered_lang, no_task, examples,

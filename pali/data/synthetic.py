@@ -18,7 +18,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ _FONT_FOR_LANG: dict[str, tuple[str, int]] = {
 _LATIN_FONT = ("NotoSans-Bold.ttf", 0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _find_font_file(name: str) -> str | None:
     for root in _FONT_DIRS:
         for dirpath, _, files in os.walk(root):
@@ -51,7 +51,7 @@ def _find_font_file(name: str) -> str | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def font_for(lang: str, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """A Noto font for `lang`'s script at `size` px; Pillow's default font (with a warning) if missing."""
     name, index = _FONT_FOR_LANG.get(lang, _LATIN_FONT)
@@ -111,13 +111,13 @@ def _draw_sign(img: Image.Image, word: str, lang: str, box: tuple[int, int, int,
     size = max_h
     while size > 6:  # largest size that fits the sign
         font = font_for(lang, size)
-        l, t, r, b = draw.textbbox((0, 0), word, font=font)
-        if r - l <= max_w and b - t <= max_h:
+        x_0, y_0, x_1, y_1 = draw.textbbox((0, 0), word, font=font)
+        if x_1 - x_0 <= max_w and y_1 - y_0 <= max_h:
             break
         size = int(size * 0.9)
     font = font_for(lang, size)
-    l, t, r, b = draw.textbbox((0, 0), word, font=font)
-    draw.text(((x0 + x1 - (r - l)) / 2 - l, (y0 + y1 - (b - t)) / 2 - t), word, font=font, fill=(0, 0, 0))
+    x_0, y_0, x_1, y_1 = draw.textbbox((0, 0), word, font=font)
+    draw.text(((x0 + x1 - (x_1 - x_0)) / 2 - x_0, (y0 + y1 - (y_1 - y_0)) / 2 - y_0), word, font=font, fill=(0, 0, 0))
 
 
 def sample_scene(rng: np.random.Generator) -> tuple[list[Group], bool]:

@@ -95,12 +95,13 @@ def span_corrupt(ids: Sequence[int], tokenizer: Tokenizer, rng: np.random.Genera
     num_spans = max(1, min(round(num_noise / mean_span), num_noise, n - num_noise,
                            tokenizer.num_sentinels))
 
-    def segments(total: int) -> list[int]:  # random composition of `total` into `num_spans` parts >= 1
-        cuts = np.sort(rng.choice(np.arange(1, total), size=num_spans - 1, replace=False)) if num_spans > 1 \
-            else np.array([], dtype=np.int64)
-        return np.diff(np.concatenate([[0], cuts, [total]])).tolist()
-
-    noise, keep = segments(num_noise), segments(n - num_noise)
+    # noise spans have length >= 1; the kept runs between them >= 1, the two outer runs may be empty
+    cuts = np.sort(rng.choice(np.arange(1, num_noise), size=num_spans - 1, replace=False)) \
+        if num_spans > 1 else np.array([], dtype=np.int64)
+    noise = np.diff(np.concatenate([[0], cuts, [num_noise]])).tolist()
+    free = n - num_noise - (num_spans - 1)
+    keep = np.diff(np.concatenate([[0], np.sort(rng.integers(0, free + 1, size=num_spans)), [free]])).tolist()
+    keep = [k + (1 if 0 < j < num_spans else 0) for j, k in enumerate(keep)]
     inp: list[int] = []
     tgt: list[int] = []
     pos = 0
@@ -112,6 +113,7 @@ def span_corrupt(ids: Sequence[int], tokenizer: Tokenizer, rng: np.random.Genera
         tgt.append(s)
         tgt += list(ids[pos: pos + noise[k]])
         pos += noise[k]
+    inp += list(ids[pos:])
     return inp, tgt
 
 

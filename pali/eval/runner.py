@@ -232,6 +232,10 @@ def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[s
     write_report(metrics, out, {k: metrics["run"][k] for k in ("checkpoint", "preset", "num_shards", "tasks",
                                                               "langs", "num_beams", "num_predictions",
                                                               "prediction_errors", "wall_s")})
+    failed = [r for r in records if r.get("error")]
+    if records and len(failed) == len(records):
+        raise RuntimeError(f"every one of the {len(records)} predictions failed (first error: "
+                           f"{failed[0]['error']}); outputs kept in {out}")
     duplicates = [k for k, n in keys.items() if n > 1]
     if got != expected or duplicates:
         raise RuntimeError(f"predicted {sum(got.values())} examples but the shards hold "

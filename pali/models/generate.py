@@ -134,7 +134,6 @@ def _beam_search(model, enc, enc_mask, max_new_tokens, k, length_penalty, use_ca
     seqs[:, :, 0] = cfg.decoder_start_token_id
     run_scores = torch.zeros(b, k, device=dev)
     run_scores[:, 1:] = NEG  # all beams start identical: only the first may expand at step 0
-    run_lens = torch.ones(b, k, dtype=torch.long, device=dev)
     fin_seqs = seqs.clone()
     fin_scores = torch.full((b, k), NEG, device=dev)
     fin_lens = torch.zeros(b, k, dtype=torch.long, device=dev)

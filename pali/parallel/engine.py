@@ -270,11 +270,11 @@ class Engine:
                         shape = list(spec.shape)
                         if spec.dim is not None:
                             shape[spec.dim] //= spec.tp_size
-                        buf = torch.empty(shape, dtype=wire_dtype)
+                        buf = torch.empty(shape, dtype=wire_dtype, device=self.device)  # nccl needs GPU
                         dist.recv(buf, src=src)
-                        got[name] = buf
+                        got[name] = buf.cpu()
                     elif g.rank == src:
-                        dist.send(local[name].contiguous(), dst=0)
+                        dist.send(local[name].to(self.device).contiguous(), dst=0)
                 received.append((specs, got))
         return merge_shards(received) if g.rank == 0 else None
 

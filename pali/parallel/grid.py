@@ -67,8 +67,10 @@ class Grid:
             raise ValueError(f"dp*pp*tp = {dp}*{pp}*{tp} = {dp * pp * tp} but the world size is {world}; "
                              f"expected the three degrees to multiply to {world}")
         global _CURRENT
-        if _CURRENT is not None or fs_init.model_parallel_is_initialized():
-            (_CURRENT.destroy() if _CURRENT is not None else fs_init.destroy_model_parallel())
+        if _CURRENT is not None:
+            _CURRENT.destroy()
+        elif fs_init.model_parallel_is_initialized():
+            fs_init.destroy_model_parallel()
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints the sizes on rank 0
             fs_init.initialize_model_parallel(tp, pipeline_length=pp)
         rank = dist.get_rank()

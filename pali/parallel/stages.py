@@ -168,7 +168,7 @@ class TokenLoss:
         mask = (labels != self.pad_id) & (labels != -100)  # (B, T)
         target = labels.masked_fill(~mask, 0)
         if self.vocab_parallel:
-            # fairscale subtracts the max in place; work on a copy when autocast gave a low-precision tensor
+            # fairscale subtracts the row max from its input in place; nothing else reads the logits after
             ce = vocab_parallel_cross_entropy(logits.float(), target)  # (B, T)
         else:
             ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")

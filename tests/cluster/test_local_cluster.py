@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local_cluster import LocalCluster, _pids_with_marker, run_driver
+from cluster.local_cluster import LocalCluster, run_driver
+from cluster.procs import pids_with_marker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +29,7 @@ print("NODES " + json.dumps({"ids": dict(zip(names, ids)), "cpus": ray.cluster_r
 
 
 def _no_processes_left(cluster: LocalCluster, names: list[str]) -> bool:
-    return not any(_pids_with_marker(f"{cluster.dir}:{name}") for name in names)
+    return not any(pids_with_marker(f"{cluster.dir}:{name}") for name in names)
 
 
 @pytest.mark.slow

@@ -128,3 +128,28 @@ def test_missing_references_and_absent_language(tiny_eval, tmp_path):
     with pytest.raises(ValueError, match=r"language filter \['de'\] matches no rows"):
         evaluate(tiny_eval["ckpt"], [shard], langs=["de"], out_dir=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_predictor_batches_and_failed_generate(tiny_eval):
+    """The actor class without Ray: a good batch decodes; a bad one yields errors, not an exception."""
+    import numpy as np
+
+    from pali.eval.inference import OUTPUT_COLUMNS, Predictor
+
+    pred = Predictor(tiny_eval["ckpt"], max_new_tokens=3)
+    tok = pred.tokenizer
+    ids = np.zeros((2, 48), dtype=np.int64)
+    for i, prompt in enumerate(["Generate the alt_text in en at 0:", "Answer in fr: quoi?"]):
+        x = tok.encode(prompt)
+        ids[i, : len(x)] = x
+    batch = {"pixel_values": np.zeros((2, 3, 64, 64), np.float32), "input_ids": ids,
+             "attention_mask": (ids != 0).astype(np.int64), "id": np.array(["a", "b"], dtype=object),
+             "lang": np.array(["en", "fr"], dtype=object), "task": np.array(["caption", "vqa"], dtype=object),
+             "prompt": np.array(["p", "q"], dtype=object), "references": np.array(['["x"]', '["y"]'], dtype=object)}
+    out = pred(batch)
+    assert set(out) == set(OUTPUT_COLUMNS)
+    assert list(out["error"]) == ["", ""] and list(out["id"]) == ["a", "b"]
+    assert all(isinstance(p, str) for p in out["prediction"])
+    bad = pred({**batch, "pixel_values": np.zeros((2, 3, 17, 17), np.float32)})  # wrong image size
+    assert list(bad["prediction"]) == ["", ""]
+    assert all(e.startswith("generate: ") for e in bad["error"])

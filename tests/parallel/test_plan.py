@@ -58,7 +58,7 @@ def test_layout_specs_split_dims_and_stage_cut(tiny_config):
     ({"text__num_heads": 3, "text__d_kv": 32}, "text.num_heads=3"),
     ({"vision__num_heads": 3, "vision__width": 96}, "vision.num_heads=3"),
     ({"text__vocab_size": 2047}, "text.vocab_size=2047"),
-    ({"text__d_ff": 250}, "text.d_ff=250"),
+    ({"text__d_ff": 255}, "text.d_ff=255"),
 ])
 def test_indivisible_sizes_are_refused_by_name(tiny_config, override, msg):
     with pytest.raises(ValueError, match=msg.replace(".", r"\.")):

@@ -35,6 +35,7 @@ class Layout:
     activation_checkpointing: bool = False
     adam: bool = False  # take one AdamW step and save weights + moments
     full_state: bool = False  # save engine.full_state_dict() from rank 0
+    bf16: bool = False  # bfloat16 autocast (compared loosely)
 
     @property
     def world(self) -> int:
@@ -64,24 +65,26 @@ def _run_one(rank: int, lay: Layout, out: str) -> None:
     cfg = tiny_cfg(lay.freeze_vision)
     grid = Grid.init(dp=lay.dp, pp=lay.pp, tp=lay.tp)
     engine = build_engine(cfg, grid, seed=0, dp_mode=lay.dp_mode, schedule=lay.schedule,
-                          num_microbatches=lay.microbatches, activation_checkpointing=lay.activation_checkpointing)
+                          num_microbatches=lay.microbatches, activation_checkpointing=lay.activation_checkpointing,
+                          autocast_dtype=torch.bfloat16 if lay.bf16 else None)
     full = engine.full_state_dict() if lay.full_state else None
     batch = dp_share(global_batch(cfg), grid.dp, grid.dp_rank)
     engine.zero_grad()
     res = engine.train_step(batch)
-    tensors = {f"grad/{n}": p.grad.detach().clone() for n, p in engine.named_parameters() if p.grad is not None}
+    tensors = {f"grad/{n}": _whole(p.grad).detach().clone() for n, p in engine.named_parameters()
+               if p.grad is not None}
     norm = engine.clip_grad_norm_(1e9)
     clipped = engine.clip_grad_norm_(0.5 * norm)
     after = engine.clip_grad_norm_(1e9)
     if lay.adam:
         for n, p in engine.named_parameters():  # undo the clipping so the optimizer sees the raw gradients
-            p.grad.copy_(tensors[f"grad/{n}"])
+            p.grad.mul_(2.0)
         opt = torch.optim.AdamW(engine.parameters(), lr=1e-3)
         opt.step()
         names = {id(p): n for n, p in engine.named_parameters()}
         for p, st in opt.state.items():
-            tensors[f"exp_avg/{names[id(p)]}"] = st["exp_avg"]
-            tensors[f"exp_avg_sq/{names[id(p)]}"] = st["exp_avg_sq"]
+            tensors[f"exp_avg/{names[id(p)]}"] = _whole(st["exp_avg"])
+            tensors[f"exp_avg_sq/{names[id(p)]}"] = _whole(st["exp_avg_sq"])
         tensors.update({f"weight/{n}": t for n, t in engine.local_state_dict().items()})
     if full is not None:
         tensors.update({f"full/{n}": t for n, t in full.items()})
@@ -95,3 +98,8 @@ def _run_one(rank: int, lay: Layout, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(meta, f)
     grid.destroy()
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The TP shard of a tensor that FSDP2 also shards over DP (a DTensor), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

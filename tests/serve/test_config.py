@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 
 from serve.config import AppArgs, check_serve_settings
 from serve.engine import check_params, make_prompt, trim
