@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
-    out = {"benchmark": "serve_load", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out = {"benchmark": "serve_load", "date": datetime.now(UTC).isoformat(timespec="seconds"),
            "commit": commit(), "hardware": hardware(), "checkpoint": a.checkpoint or "random tiny preset",
            "concurrency": a.concurrency, "duration_s": a.duration, "max_new_tokens": a.max_new_tokens,
            "results": results}

@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze-vision", action="store_true", help="record the vision tower as frozen")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="weight dtype to store")
     p.add_argument("--seed", type=int, default=0, help="seed of the new projection")
+    p.add_argument("--dropout-rate", type=float, default=None,
+                   help="text dropout to record (default: the checkpoint's, 0.1 for mT5)")
     return p.parse_args(argv)
 
 
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else load_hf_tokenizer(args.text)
     model = from_hf(args.text, args.vision, image_size=args.image_size, vision=args.vision_variant,
-                    freeze_vision=args.freeze_vision, dtype=_DTYPES[args.dtype], seed=args.seed, name=args.name)
+                    freeze_vision=args.freeze_vision, dtype=_DTYPES[args.dtype], seed=args.seed, name=args.name,
+                    dropout_rate=args.dropout_rate)
     if len(tokenizer) > model.cfg.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} ids; expected at most the model's vocab_size "
                          f"{model.cfg.text.vocab_size}")

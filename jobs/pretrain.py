@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     g.add_argument("--min-workers", type=int, default=None, help="elastic: fewest workers")
     g.add_argument("--max-workers", type=int, default=None, help="elastic: most workers")
     g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker)
+    g.add_argument("--worker-resources", default=None, metavar="JSON",
+                   help='extra Ray resources per worker, e.g. \'{"trainer_slot": 1}\'')
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast")
     g.add_argument("--dp-mode", choices=["ddp", "fsdp"], default=d.dp_mode)
     g.add_argument("--pp-schedule", choices=["1f1b", "gpipe"], default=d.pp_schedule)
@@ -91,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         steps=a.steps, global_batch=a.global_batch, micro_batch=a.micro_batch, lr=a.lr, schedule=a.schedule,
         warmup_steps=a.warmup_steps, optimizer=a.optimizer, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
         seed=a.seed, tp=a.tp, pp=a.pp, workers=a.workers, min_workers=a.min_workers, max_workers=a.max_workers,
-        cpus_per_worker=a.cpus_per_worker, use_gpu=a.use_gpu, dp_mode=a.dp_mode, pp_schedule=a.pp_schedule,
+        cpus_per_worker=a.cpus_per_worker,
+        worker_resources=json.loads(a.worker_resources) if a.worker_resources else {}, use_gpu=a.use_gpu, dp_mode=a.dp_mode, pp_schedule=a.pp_schedule,
         activation_checkpointing=a.activation_checkpointing, checkpoint_every=a.checkpoint_every,
         log_every=a.log_every, output_dir=a.output_dir, name=a.name, storage_path=a.storage_path,
         max_failures=a.max_failures, eval_examples=a.eval_examples, fail_at_step=a.fail_at_step)

@@ -12,11 +12,11 @@ from pali.config import PaLIConfig, TextConfig, VisionConfig, get_preset
 from pali.models.pali import PaLI, PaLIOutput
 
 
-def from_hf(text_dir, vision_dir=None):
-    """PaLI built from local Hugging Face T5/mT5 and ViT/SigLIP checkpoint directories."""
+def from_hf(text_dir, vision_dir=None, **kw):
+    """PaLI built from local Hugging Face T5/mT5 and ViT/SigLIP checkpoint directories (see `pali.hf`)."""
     from pali.hf import from_hf as _from_hf
 
-    return _from_hf(text_dir, vision_dir)
+    return _from_hf(text_dir, vision_dir, **kw)
 
 
 __all__ = ["PaLI", "PaLIConfig", "PaLIOutput", "TextConfig", "VisionConfig", "create_model", "from_hf",

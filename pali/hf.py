@@ -242,7 +242,9 @@ def text_state_from_hf(hf_state: dict[str, torch.Tensor], hf_config: dict, where
     for n in names:
         if n == "lm_head.weight":
             w = head if head is not None else shared
-            out["text." + n] = w * cfg.d_model ** -0.5 if scaled else w
+            # a fresh tensor: sharing storage with `shared` would tie them by accident (and safetensors
+            # refuses to save shared tensors)
+            out["text." + n] = w * cfg.d_model ** -0.5 if scaled else w.clone()
         else:
             out["text." + n] = _take(hf_state, t5_name(n), where)
     return cfg, out
@@ -283,8 +285,7 @@ def text_state_to_hf(model: PaLI) -> dict[str, torch.Tensor]:
     out = {}
     for n, t in model.text.state_dict().items():
         out[t5_name(n)] = t.detach().cpu().contiguous().clone()
-    for stack in ("encoder", "decoder"):
-        out[f"{stack}.embed_tokens.weight"] = out["shared.weight"].clone()
+    # encoder/decoder.embed_tokens are tied to `shared` on load; storing copies would add 2 x V x d.
     return out
 
 
@@ -305,13 +306,15 @@ def vision_state_to_hf(model: PaLI) -> dict[str, torch.Tensor]:
 
 def from_hf(text_dir: str | os.PathLike, vision_dir: str | os.PathLike | None = None,
             image_size: int | None = None, vision: str | VisionConfig = "B/16", freeze_vision: bool = False,
-            dtype: torch.dtype = torch.float32, seed: int = 0, name: str = "hf-import") -> PaLI:
+            dtype: torch.dtype = torch.float32, seed: int = 0, name: str = "hf-import",
+            dropout_rate: float | None = None) -> PaLI:
     """PaLI from a local HF T5/mT5 directory and (optionally) a ViTModel / SigLIP directory.
 
     The projection is newly initialised (normal, std width**-0.5, zero bias, seeded by `seed`). Without
     `vision_dir` the vision tower is freshly initialised from `vision` (a ViT variant such as "So400m/14"
     or a `VisionConfig`). `image_size` runs the tower at another resolution by interpolating its position
-    embeddings (e.g. a 224 px checkpoint at 448 px).
+    embeddings (e.g. a 224 px checkpoint at 448 px). `dropout_rate` replaces the text config's (mT5
+    checkpoints say 0.1; PaLI pretraining uses 0); None keeps it.
     """
     text_hf = read_config(text_dir)
     text_config_from_hf(text_hf)  # a wrong model type fails before any weights are read
@@ -327,6 +330,8 @@ def from_hf(text_dir: str | os.PathLike, vision_dir: str | os.PathLike | None = 
                           num_decoder_layers=0)
         fresh = create_model(PaLIConfig(vision=vis_cfg, text=stub), seed=seed)
         state.update({"vision_tower." + k: v for k, v in fresh.vision_tower.state_dict().items()})
+    if dropout_rate is not None:
+        text_cfg.dropout_rate = dropout_rate
     cfg = PaLIConfig(name=name, vision=vis_cfg, text=text_cfg, freeze_vision=freeze_vision)
     gen = torch.Generator().manual_seed(seed)
     proj_w = torch.randn(text_cfg.d_model, vis_cfg.width, generator=gen) * vis_cfg.width ** -0.5

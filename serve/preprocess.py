@@ -1,8 +1,8 @@
 """Safe image decoding and the model's image preprocessing for serving.
 
-`preprocess_image` must equal the training pipeline's preprocessing (square resize, RGB, scaled to
-[-1, 1], the SigLIP convention). When `pali.data.pipeline` exposes its own `preprocess_image`, that one
-is used so serving and training cannot drift apart.
+Model inputs come from the training pipeline's own `pali.data.pipeline.preprocess_image` (RGB, square
+bicubic resize, (x/255 - 0.5)/0.5), so serving and training cannot drift apart; this module adds the
+guards a public endpoint needs before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -68,16 +68,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise InputError(f"image is truncated or corrupt ({e}); expected a complete JPEG/PNG file") from None
 
 
-def _preprocess_local(img: Image.Image, image_size: int) -> np.ndarray:
-    rgb = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-    x = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
-    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
-
-
 def preprocess_image(img: Image.Image, image_size: int) -> np.ndarray:
-    """float32[3, image_size, image_size] in [-1, 1]: the model input for one decoded image."""
-    try:  # one definition for training and serving once the data pipeline provides it
-        from pali.data.pipeline import preprocess_image as pipeline_preprocess
-    except ImportError:
-        return _preprocess_local(img, image_size)
-    return np.asarray(pipeline_preprocess(img, image_size), dtype=np.float32)
+    """float32[3, image_size, image_size] in [-1, 1]: the model input for one decoded image (as in training)."""
+    from pali.data.pipeline import preprocess_image as pipeline_preprocess
+
+    return pipeline_preprocess(img, image_size)

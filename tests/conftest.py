@@ -29,6 +29,14 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread: 2-core machines run several processes at once (Ray workers, data tasks)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     """The tiny preset (used by most model tests)."""

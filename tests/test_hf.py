@@ -24,7 +24,7 @@ from transformers import (
     ViTModel,
 )
 
-from pali import load_pretrained
+from pali import load_pretrained, save_pretrained
 from pali.hf import from_hf, load_hf_tokenizer, siglip_name, t5_name, to_hf, vit_name
 from pali.models.t5 import T5
 from pali.models.vit import ViT
@@ -144,6 +144,9 @@ def test_tied_unscaled_mt5_and_pytorch_bin(dirs, inputs, tmp_path):
     torch.save({k: v.clone() for k, v in hf.state_dict().items()}, tmp_path / "pytorch_model.bin")
     model = from_hf(tmp_path, dirs / "vit")
     assert (_hf_logits(hf, ids, mask, dec) - _ours(model, ids, mask, dec)).abs().max() <= TOL
+    # imported as an untied head holding a copy, not as a parameter aliasing the embedding
+    assert model.text.lm_head.weight.data_ptr() != model.text.shared.weight.data_ptr()
+    save_pretrained(model, None, tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("kind, cls", [("vit", ViTModel), ("siglip", SiglipVisionModel)])
@@ -227,8 +230,10 @@ def test_import_image_size_interpolates(dirs, tmp_path):
     from jobs import import_hf
 
     import_hf.main(["--text", str(dirs / "t5"), "--vision", str(dirs / "siglip"), "--out", str(tmp_path / "c"),
-                    "--image-size", "64", "--tokenizer", str(dirs / "mt5" / "spiece.model")])
+                    "--image-size", "64", "--tokenizer", str(dirs / "mt5" / "spiece.model"),
+                    "--dropout-rate", "0.05", "--freeze-vision"])
     model, _ = load_pretrained(tmp_path / "c")
+    assert model.cfg.text.dropout_rate == 0.05 and model.cfg.freeze_vision
     assert model.cfg.vision.image_size == 64 and model.vision_tower.pos_embed.shape[1] == 64
     assert model.vision(torch.randn(1, 3, 64, 64)).shape == (1, 64, 32)
 
@@ -255,3 +260,15 @@ def test_bad_directories_name_the_problem(dirs, tmp_path):
         from_hf(tmp_path, dirs / "vit")
     with pytest.raises(FileNotFoundError, match="spiece.model"):
         load_hf_tokenizer(dirs / "t5")
+
+
+def test_text_only_import_with_fresh_vision_tower(dirs, inputs):
+    from pali.config import VisionConfig
+
+    ids, mask, dec, px = inputs
+    vis = VisionConfig(image_size=32, patch_size=8, width=24, depth=1, mlp_dim=48, num_heads=2)
+    model = from_hf(dirs / "mt5", vision=vis, seed=1)
+    hf = MT5ForConditionalGeneration.from_pretrained(dirs / "mt5").eval()
+    assert (_hf_logits(hf, ids, mask, dec) - _ours(model, ids, mask, dec)).abs().max() <= TOL
+    assert model.vision(px).shape == (2, 16, 24) and model.cfg.vision.layout == "siglip"
+    assert torch.equal(model.projector.weight, from_hf(dirs / "mt5", vision=vis, seed=1).projector.weight)

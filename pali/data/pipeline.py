@@ -10,7 +10,7 @@ every operator runs with a small fractional `num_cpus` (Ray's `read_parquet` alw
 ListFiles task, which deadlocks 2-core machines).
 
 Skipped rows are counted in a `DataStats` actor (`ds.pali_stats` on the returned dataset, or the one
-passed in / looked up by `DataConfig.stats_name`): `rows`, `bad_shards`, `malformed_rows`, `bad_images`,
+passed in / named by `DataConfig.stats_name`): `rows`, `bad_shards`, `malformed_rows`, `bad_images`,
 `filtered_lang`, `no_task`, `examples`, `images`, plus producer-side `images_per_s` / `examples_per_s`.
 """
 
@@ -20,6 +20,7 @@ import io
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,7 @@ class DataConfig:
     local_shuffle_buffer: int = 0
     """Rows of the per-rank local shuffle buffer in `iter_batches` (0 = no shuffle)."""
     stats_name: str | None = None
-    """Name of the `DataStats` actor (get-or-create); None = a fresh anonymous one."""
+    """Key of this pipeline's `DataStats` counters (reuse it to read them elsewhere); None = a fresh key."""
 
     @classmethod
     def for_model(cls, model_cfg: Any, **kw: Any) -> DataConfig:
@@ -147,47 +148,56 @@ def preprocess_image(image: bytes | Image.Image, image_size: int, mean: Sequence
 
 # --- counters ----------------------------------------------------------------------------------------
 
+_STATS_ACTOR = "pali_data_stats"
+
+
 class DataStats:
-    """Handle to a Ray actor counting rows read, skipped and produced (safe to pass into tasks)."""
+    """Handle to the counters of one pipeline: rows read, skipped and produced (safe to pass into tasks).
+
+    All pipelines of a Ray cluster share one zero-CPU actor (`pali_data_stats`, created on first use)
+    holding a counter set per key: `DataStats()` gets a fresh key, `DataStats("train")` the named one
+    (so training workers can read the driver's counters with `DataStats("train").get()`).
+    """
 
     def __init__(self, name: str | None = None):
         import ray
 
         @ray.remote(num_cpus=0)
-        class _Counter:
+        class _Counters:
             def __init__(self):
-                self.counts: dict[str, int] = {}
-                self.first: float | None = None
-                self.last: float | None = None
+                self.counts: dict[str, dict[str, int]] = {}
+                self.span: dict[str, tuple[float, float]] = {}
 
-            def add(self, counts: dict[str, int], t: float) -> None:
+            def add(self, key: str, counts: dict[str, int], t: float) -> None:
+                c = self.counts.setdefault(key, {})
                 for k, v in counts.items():
-                    self.counts[k] = self.counts.get(k, 0) + int(v)
-                self.first = t if self.first is None else min(self.first, t)
-                self.last = t if self.last is None else max(self.last, t)
+                    c[k] = c.get(k, 0) + int(v)
+                first, last = self.span.get(key, (t, t))
+                self.span[key] = (min(first, t), max(last, t))
 
-            def get(self) -> dict[str, Any]:
-                out: dict[str, Any] = dict(self.counts)
-                span = (self.last - self.first) if self.first is not None else 0.0
+            def get(self, key: str) -> dict[str, Any]:
+                out: dict[str, Any] = dict(self.counts.get(key, {}))
+                first, last = self.span.get(key, (0.0, 0.0))
+                span = last - first
                 out["examples_per_s"] = out.get("examples", 0) / span if span > 0 else 0.0
                 out["images_per_s"] = out.get("images", 0) / span if span > 0 else 0.0
                 return out
 
-        opts: dict[str, Any] = {"name": name, "get_if_exists": True} if name else {}
-        self._actor = _Counter.options(**opts).remote()
+        self.key = name or uuid.uuid4().hex
+        self._actor = _Counters.options(name=_STATS_ACTOR, namespace="pali", get_if_exists=True).remote()
 
     def add(self, **counts: int) -> None:
         """Add counts; waits for the actor, so totals are complete once the data has been consumed."""
         import ray
 
-        ray.get(self._actor.add.remote(counts, time.time()))
+        ray.get(self._actor.add.remote(self.key, counts, time.time()))
 
     def get(self) -> dict[str, Any]:
         """Current totals: rows, bad_shards, malformed_rows, bad_images, filtered_lang, no_task, examples,
         images, plus examples_per_s / images_per_s between the first and last producing batch."""
         import ray
 
-        return ray.get(self._actor.get.remote())
+        return ray.get(self._actor.get.remote(self.key))
 
 
 # --- operators ---------------------------------------------------------------------------------------

@@ -118,8 +118,17 @@ class Engine:
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
         """Forward + backward of this DP rank's share of the global batch over num_microbatches.
 
+        batch: pixel_values float[b,3,H,W], input_ids int[b,S], attention_mask int[b,S], labels int[b,T]
+        (pad / -100 ignored), optional image_mask int[b]; the same on every TP/PP rank of a replica.
         Leaves d(global mean token loss)/d(theta) accumulated in the local parameters' .grad.
         """
+        return self._step(batch, train=True)
+
+    def eval_step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
+        """Forward only (no gradients touched): the same StepResult as `train_step` for held-out batches."""
+        return self._step(batch, train=False)
+
+    def _step(self, batch: Mapping[str, torch.Tensor], train: bool) -> StepResult:
         b = self._check_batch(batch)
         g = self.grid
         args = [batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
@@ -134,12 +143,12 @@ class Engine:
         self.loss_fn.denominator = max(n_global, 1) / g.dp
         self.loss_fn.records.clear()
         n_mb = self.num_microbatches
-        with self._autocast():
+        with self._autocast(), torch.set_grad_enabled(train):
             if g.pp == 1:
-                self._run_local(args, n_mb)
+                self._run_local(args, n_mb, train)
             else:
-                self._run_pipeline(args, n_mb)
-        if self._shared:
+                self._run_pipeline(args, n_mb, train)
+        if self._shared and train:
             for name in self._shared:
                 grad = self.model.get_parameter(name).grad
                 if grad is not None:
@@ -160,12 +169,14 @@ class Engine:
         return StepResult(loss=float(pack[0]) / max(n_global, 1), num_tokens=n_global,
                           example_loss_sum=pack[1:1 + b].float(), example_tokens=pack[1 + b:].long())
 
-    def _run_local(self, args: list[torch.Tensor], n_mb: int) -> None:
+    def _run_local(self, args: list[torch.Tensor], n_mb: int, train: bool) -> None:
         chunks = [a.tensor_split(n_mb) for a in args]
         for i in range(n_mb):
-            last = i == n_mb - 1
-            with self._no_sync(last):
-                mb = [c[i] for c in chunks]
+            mb = [c[i] for c in chunks]
+            if not train:
+                self.loss_fn(self.module(*mb), mb[-1])
+                continue
+            with self._no_sync(last=i == n_mb - 1):
                 logits = self.module(*mb)
                 loss = self.loss_fn(logits, mb[-1])
                 loss.backward()
@@ -181,9 +192,9 @@ class Engine:
         self.module.set_requires_gradient_sync(False)
         return contextlib.nullcontext()
 
-    def _run_pipeline(self, args: list[torch.Tensor], n_mb: int) -> None:
+    def _run_pipeline(self, args: list[torch.Tensor], n_mb: int, train: bool) -> None:
         g = self.grid
-        key = tuple(tuple(a.shape) for a in args)
+        key = (train, *(tuple(a.shape) for a in args))  # a stage per shape and mode: metadata is static
         sched = self._schedules.get(key)
         if sched is None:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -197,12 +208,13 @@ class Engine:
             cls = Schedule1F1B if self.schedule_name == "1f1b" and n_mb >= g.pp else ScheduleGPipe
             sched = cls(stage, n_microbatches=n_mb, loss_fn=self.loss_fn, scale_grads=False)
             self._schedules[key] = sched
+        run = sched.step if train else sched.eval
         if g.is_first_stage:
-            sched.step(*args)
+            run(*args)
         elif g.is_last_stage:
-            sched.step(target=args[-1], losses=[])
+            run(target=args[-1], losses=[])
         else:
-            sched.step()
+            run()
 
     # --- gradients --------------------------------------------------------------------------------
     @torch.no_grad()

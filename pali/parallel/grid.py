@@ -97,11 +97,13 @@ class Grid:
         return (dp_rank * self.pp + pp_rank) * self.tp + tp_rank
 
     def destroy(self) -> None:
-        """Forget the groups (fairscale's globals too) so a new Grid can be built in the same process."""
+        """Forget this grid (fairscale's globals too) so a new Grid can be built in the same process.
+
+        The torch process groups themselves stay registered: DTensor caches meshes by their ranks, so an
+        FSDP2 engine on a later grid over the same ranks may still name one of them (a few idle gloo /
+        nccl groups per rebuild is the cost).
+        """
         global _CURRENT
-        for group in {id(g): g for g in (self.dp_group, self.pp_group, self.tp_group)}.values():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group(group)
         fs_init.destroy_model_parallel()
         if _CURRENT is self:
             _CURRENT = None

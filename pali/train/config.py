@@ -59,6 +59,8 @@ class TrainConfig:
     """Elastic mode: most workers to grow to (a multiple of tp * pp)."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each worker reserves (keep the sum below the cluster's, so Ray Data tasks can run)."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker needs (e.g. {"trainer_slot": 1} to pin workers to node types)."""
     use_gpu: bool = False
     """One GPU per worker, nccl and bf16 autocast."""
     dp_mode: Literal["ddp", "fsdp"] = "ddp"

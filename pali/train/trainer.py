@@ -179,7 +179,7 @@ def fit(cfg: TrainConfig, threads_per_worker: int = 1):
     workers: int | tuple[int, int] = cfg.workers
     if cfg.elastic:
         workers = (cfg.min_workers or cfg.tp * cfg.pp, cfg.max_workers or cfg.min_workers or cfg.workers)
-    resources = {"CPU": cfg.cpus_per_worker}
+    resources = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
     if cfg.use_gpu:
         resources["GPU"] = 1
     scaling = ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,

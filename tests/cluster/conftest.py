@@ -18,9 +18,10 @@ def ray_head():
     """A single-node `ray start --head` cluster with the dashboard/job server on 127.0.0.1.
 
     Yields the job server address (`http://127.0.0.1:<port>`) for `ray job submit --address`.
+    8 logical CPUs (oversubscribed, like the session `ray_cluster`) so a training job fits.
     Module-scoped: the ~10 s start-up is paid once per test module.
     """
-    with LocalCluster(num_workers=0, head_cpus=4, include_dashboard=True) as cluster:
+    with LocalCluster(num_workers=0, head_cpus=8, include_dashboard=True) as cluster:
         yield cluster.dashboard_url
 
 

@@ -35,7 +35,7 @@ def test_job_runs_from_uploaded_working_dir(ray_head):
                         env_vars={"PALI_JOB_MARK": "m-42", "REPO_ROOT": str(ROOT)})
     assert result.succeeded, f"{result.status}\n{result.logs}\n{result.cli_output[-3000:]}"
     line = next(line for line in result.logs.splitlines() if line.startswith("JOB_OK"))
-    assert line == "JOB_OK " + str({"uploaded": True, "pali_from_cwd": True, "cpus": 4, "mark": "m-42"})
+    assert line == "JOB_OK " + str({"uploaded": True, "pali_from_cwd": True, "cpus": 8, "mark": "m-42"})
     assert result.job_id in result.cli_output  # the CLI really submitted it
 
 

@@ -77,7 +77,7 @@ def _run_one(rank: int, lay: Layout, out: str) -> None:
     clipped = engine.clip_grad_norm_(0.5 * norm)
     after = engine.clip_grad_norm_(1e9)
     if lay.adam:
-        for n, p in engine.named_parameters():  # undo the clipping so the optimizer sees the raw gradients
+        for _, p in engine.named_parameters():  # undo the clipping so the optimizer sees the raw gradients
             p.grad.mul_(2.0)
         opt = torch.optim.AdamW(engine.parameters(), lr=1e-3)
         opt.step()
