@@ -188,6 +188,7 @@ class PaLIServer:
             if self._warm is not None and self._warm.name == model_id:
                 entry, self._warm = self._warm, None
             else:
+                self._warm = None  # not yet used: let the LRU cache alone decide what stays in memory
                 entry = await asyncio.to_thread(load_model, model_id, self.args.models[model_id], self.device,
                                                 self.args.dtype)
             self._loaded[model_id] = entry
@@ -201,6 +202,8 @@ class PaLIServer:
         """Called by Serve; raising makes Serve replace this replica."""
         if self._consecutive_failures >= 3:
             raise RuntimeError(f"{self._consecutive_failures} decode batches in a row failed")
+        if self.device == "cuda":
+            torch.cuda.synchronize()  # raises once the CUDA context is broken (e.g. after an Xid error)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate_batch(self, items: list[Item]) -> list:
@@ -263,10 +266,13 @@ class PaLIServer:
                 "max_batch_size": self.args.max_batch_size, **self.stats.as_dict()}
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        """Liveness: 200 while this replica can serve."""
-        self.check_health()
-        return {"status": "ok", "default_model": self.args.default}
+    async def healthz(self) -> JSONResponse:
+        """Liveness: 200 while this replica can serve, 503 when its health check fails."""
+        try:
+            self.check_health()
+        except RuntimeError as e:
+            return _error(503, f"unhealthy: {e}")
+        return JSONResponse({"status": "ok", "default_model": self.args.default})
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(self) -> HTMLResponse:
@@ -291,6 +297,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
 
         num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
     opts: dict[str, Any] = {"max_ongoing_requests": a.max_ongoing_requests,
+                            "max_constructor_retry_count": a.max_constructor_retry_count,
                             "ray_actor_options": {"num_cpus": a.num_cpus, "num_gpus": num_gpus}}
     if a.num_replicas:
         opts["num_replicas"] = a.num_replicas

@@ -53,6 +53,9 @@ class AppArgs(BaseModel):
     """Checkpoints one replica keeps loaded; the least recently used is evicted."""
     preload_default: bool = Field(True)
     """Load the default model when a replica starts, so a broken checkpoint fails the replica."""
+    max_constructor_retry_count: int = Field(20, ge=1)
+    """Replica starts Serve retries when the constructor fails (a checkpoint that cannot load) before the
+    deployment is marked failed."""
     max_batch_size: int = Field(16, ge=1)
     """Most requests decoded together (1 turns batching off)."""
     batch_wait_timeout_s: float = Field(0.01, ge=0)

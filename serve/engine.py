@@ -52,7 +52,10 @@ def load_model(name: str, ckpt_dir: str, device: str = "cpu", dtype: str = "floa
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint of model {name!r} not found at {ckpt_dir}")
     torch_dtype = None if device == "cpu" or dtype == "float32" else getattr(torch, dtype)
-    model, tok = load_pretrained(ckpt_dir, device=device, dtype=torch_dtype)
+    try:
+        model, tok = load_pretrained(ckpt_dir, device=device, dtype=torch_dtype)
+    except Exception as e:  # name the checkpoint: library errors (safetensors) often do not
+        raise RuntimeError(f"loading checkpoint {ckpt_dir} of model {name!r} failed: {e}") from e
     return LoadedModel(name=name, model=model.eval(), tokenizer=tok, device=device)
 
 

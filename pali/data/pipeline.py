@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image
 
-from pali.data.prompts import TASKS, check_task, prompt_templates
+from pali.data.prompts import SUPPORTED_LANGS, TASKS, check_task, prompt_templates
 from pali.data.schema import SHARD_SUFFIXES, filesystem_for, iter_rows, read_shard
 from pali.data.tasks import (
     check_langs,
@@ -149,6 +149,7 @@ def preprocess_image(image: bytes | Image.Image, image_size: int, mean: Sequence
 # --- counters ----------------------------------------------------------------------------------------
 
 _STATS_ACTOR = "pali_data_stats"
+_ACTOR_CACHE: dict[str, Any] = {}
 
 
 class DataStats:
@@ -184,7 +185,14 @@ class DataStats:
                 return out
 
         self.key = name or uuid.uuid4().hex
-        self._actor = _Counters.options(name=_STATS_ACTOR, namespace="pali", get_if_exists=True).remote()
+        if not ray.is_initialized():
+            ray.init()  # what Ray Data would do on first use anyway
+        job = ray.get_runtime_context().get_job_id()
+        if _ACTOR_CACHE.get("job") != job:
+            # A named actor dies with its creator's last handle: keep one for this process's lifetime.
+            _ACTOR_CACHE.update(job=job, actor=_Counters.options(name=_STATS_ACTOR, namespace="pali",
+                                                                 get_if_exists=True).remote())
+        self._actor = _ACTOR_CACHE["actor"]
 
     def add(self, **counts: int) -> None:
         """Add counts; waits for the actor, so totals are complete once the data has been consumed."""
@@ -215,6 +223,9 @@ def _read_op(langs: tuple[str, ...] | None, stats: DataStats | None):
             counts["malformed_rows"] += contents.malformed
             for row in contents.rows:
                 counts["rows"] += 1
+                if row["lang"] not in SUPPORTED_LANGS:  # no prompt exists for it: a malformed row
+                    counts["malformed_rows"] += 1
+                    continue
                 if langs is not None and row["lang"] not in langs:
                     counts["filtered_lang"] += 1
                     continue
@@ -238,7 +249,7 @@ def _process_op(cfg: DataConfig, tokenizer: Tokenizer, stats: DataStats | None,
     def process(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
         examples, pixels, meta = [], [], []
-        counts = {"bad_images": 0, "no_task": 0}
+        counts = {"bad_images": 0, "no_task": 0, "malformed_rows": 0}
         for i in range(n):
             row = {c: (batch[c][i] or None) for c in _RAW_STRING_COLS}
             try:
@@ -255,7 +266,11 @@ def _process_op(cfg: DataConfig, tokenizer: Tokenizer, stats: DataStats | None,
                 counts["no_task"] += 1
                 continue
             for t in tasks:
-                ex = make_example(row, t, tokenizer, row_rng(cfg.seed, row["id"], 1 + TASKS.index(t)))
+                try:
+                    ex = make_example(row, t, tokenizer, row_rng(cfg.seed, row["id"], 1 + TASKS.index(t)))
+                except Exception:  # e.g. text the task cannot use: skip the row, never the run
+                    counts["malformed_rows"] += 1
+                    continue
                 examples.append(ex)
                 pixels.append(pix if ex.uses_image else np.zeros_like(pix))
                 meta.append((row["lang"], row["id"], int(batch["shard_index"][i])))

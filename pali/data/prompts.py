@@ -51,18 +51,17 @@ def build_prompt(task: str, lang: str, question: str | None = None, position: in
                  answer: str | None = None) -> str:
     """The PaLI prompt of `task` in language `lang`.
 
-    `question` is required for vqa, `answer` for vqg; `position` is the split point (in words, or in
-    characters for languages without spaces) of split_caption; for split_caption the caller appends the
-    caption's first `position` words after the colon (see `pali.data.tasks.split_words`).
+    `question` is required for vqa, `answer` (or, positionally, `question`) for vqg. `position` is the
+    split point of split_caption (in words, or characters for languages without spaces; 0 for plain
+    captioning); the caller appends the caption's first `position` words after the colon
+    (see `pali.data.tasks.split_words`).
     span_corruption has no prompt (returns "").
     """
     check_task(task)
     check_lang(lang)
-    if task == "caption":
-        return f"Generate the alt_text in {lang} at 0:"
-    if task == "split_caption":
-        if position < 0:
-            raise ValueError(f"split position {position}; expected >= 0")
+    if position < 0:
+        raise ValueError(f"split position {position}; expected >= 0")
+    if task in ("caption", "split_caption"):
         return f"Generate the alt_text in {lang} at {position}:"
     if task == "ocr":
         return f"Generate the ocr_text in {lang}:"
@@ -71,6 +70,7 @@ def build_prompt(task: str, lang: str, question: str | None = None, position: in
             raise ValueError("task 'vqa' needs a question; got none")
         return f"Answer in {lang}: {question}"
     if task == "vqg":
+        answer = answer or question  # callers of the positional contract pass the answer as `question`
         if not answer:
             raise ValueError("task 'vqg' needs an answer; got none")
         return f"Generate a question in {lang} for {answer}:"

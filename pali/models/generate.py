@@ -12,23 +12,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pali.models.t5 import padding_bias
+
 NEG = -1.0e9
 
 
 class DecodeState:
     """Encoder output, its mask, per-block cross K/V and self-attention caches for K rows per example."""
 
-    def __init__(self, model, enc: torch.Tensor, enc_mask: torch.Tensor, use_cache: bool = True):
+    def __init__(self, model, enc: torch.Tensor, enc_mask: torch.Tensor, use_cache: bool = True,
+                 max_len: int | None = None):
         self.model, self.enc, self.enc_mask, self.use_cache = model, enc, enc_mask, use_cache
-        blocks = model.text.decoder.blocks
+        decoder = model.text.decoder
+        blocks = decoder.blocks
         self.cross_kv = [b.cross_attn.project_kv(enc) for b in blocks] if use_cache else None
         self.caches = [{} for _ in blocks] if use_cache else None
         self.tokens: torch.Tensor | None = None  # int[R, t] decoder inputs so far (uncached path)
+        # Position bias (causal) for every step and the cross-attention padding bias, computed once per
+        # generation instead of once per step: step t reads row t of the (max_len, max_len) table.
+        self.self_bias = self.cross_bias = None
+        if use_cache and max_len is not None:
+            self.self_bias = decoder.self_bias(max_len, 0, max_len, enc.device, enc.dtype)  # (1, H, L, L)
+            self.cross_bias = padding_bias(enc_mask, enc.dtype)  # (R, 1, 1, S)
 
     def step(self, last: torch.Tensor, offset: int) -> torch.Tensor:
         """Feed the newest decoder input int[R] at position `offset`; return next-token logits float[R, V]."""
         text = self.model.text
-        if self.use_cache:
+        if self.use_cache and self.self_bias is not None:
+            # Token ids come from argmax / top-k / the start token: always in range, so the embedding is
+            # looked up directly, without `embed`'s range check (two reductions and a sync per step).
+            h = text.decoder(text.shared(last[:, None]), None, self.enc_mask, self.caches, self.cross_kv,
+                             offset=offset, self_attn_bias=self.self_bias[:, :, offset:offset + 1, :offset + 1],
+                             cross_attn_bias=self.cross_bias)
+        elif self.use_cache:
             h = text.decoder(text.embed(last[:, None]), None, self.enc_mask, self.caches, self.cross_kv,
                              offset=offset)
         else:  # recompute the whole prefix (reference path for tests)
@@ -102,7 +118,7 @@ def _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperatu
                       use_cache, generator) -> torch.Tensor:
     cfg = model.cfg.text
     b = enc.shape[0]
-    state = DecodeState(model, enc, enc_mask, use_cache)
+    state = DecodeState(model, enc, enc_mask, use_cache, max_len=max_new_tokens)
     last = torch.full((b,), cfg.decoder_start_token_id, dtype=torch.long, device=enc.device)
     done = torch.zeros(b, dtype=torch.bool, device=enc.device)
     out = []
@@ -129,7 +145,7 @@ def _beam_search(model, enc, enc_mask, max_new_tokens, k, length_penalty, use_ca
     # Every example's encoder output repeated k times: rows are (example, beam).
     enc = enc.repeat_interleave(k, 0)
     enc_mask = enc_mask.repeat_interleave(k, 0)
-    state = DecodeState(model, enc, enc_mask, use_cache)
+    state = DecodeState(model, enc, enc_mask, use_cache, max_len=max_len)
     seqs = torch.full((b, k, max_len), cfg.pad_token_id, dtype=torch.long, device=dev)
     seqs[:, :, 0] = cfg.decoder_start_token_id
     run_scores = torch.zeros(b, k, device=dev)

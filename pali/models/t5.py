@@ -234,16 +234,20 @@ class Decoder(nn.Module):
         return bias + causal
 
     def forward(self, x: torch.Tensor, enc: torch.Tensor | None, enc_mask: torch.Tensor,
-                caches: list[dict] | None = None, cross_kv: list | None = None, offset: int = 0
+                caches: list[dict] | None = None, cross_kv: list | None = None, offset: int = 0,
+                self_attn_bias: torch.Tensor | None = None, cross_attn_bias: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """x: float[B, T, D] embedded decoder inputs; enc: float[B, S, D]; enc_mask: int[B, S].
 
         With `caches` (one dict per block) decoding is incremental: x holds the new positions only,
         starting at `offset`. With `cross_kv` the cross-attention keys/values are precomputed.
+        `self_attn_bias` float[1, H, T, offset+T] / `cross_attn_bias` float[B, 1, 1, S] replace the biases
+        computed here (incremental decoding computes them once per generation instead of once per step).
         """
         t = x.shape[1]
-        self_bias = self.self_bias(t, offset, offset + t, x.device, x.dtype)
-        cross_bias = padding_bias(enc_mask, x.dtype)
+        self_bias = self_attn_bias if self_attn_bias is not None else \
+            self.self_bias(t, offset, offset + t, x.device, x.dtype)
+        cross_bias = cross_attn_bias if cross_attn_bias is not None else padding_bias(enc_mask, x.dtype)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, self_bias, enc, cross_bias,

@@ -148,6 +148,8 @@ class Engine:
                 self._run_local(args, n_mb, train)
             else:
                 self._run_pipeline(args, n_mb, train)
+        if not train and self.dp_mode == "fsdp" and g.dp > 1:
+            _reshard(self.module)  # FSDP2 keeps the root unsharded after a forward without backward
         if self._shared and train:
             for name in self._shared:
                 grad = self.model.get_parameter(name).grad
@@ -194,7 +196,7 @@ class Engine:
 
     def _run_pipeline(self, args: list[torch.Tensor], n_mb: int, train: bool) -> None:
         g = self.grid
-        key = (train, *(tuple(a.shape) for a in args))  # a stage per shape and mode: metadata is static
+        key = (train, n_mb, *(tuple(a.shape) for a in args))  # metadata is static: one stage per shape
         sched = self._schedules.get(key)
         if sched is None:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -208,6 +210,12 @@ class Engine:
             cls = Schedule1F1B if self.schedule_name == "1f1b" and n_mb >= g.pp else ScheduleGPipe
             sched = cls(stage, n_microbatches=n_mb, loss_fn=self.loss_fn, scale_grads=False)
             self._schedules[key] = sched
+            # A new stage's first step ends its set-up by clearing FSDP parameters' grads; keep ours.
+            stash = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
+            for p, _ in stash:
+                p.grad = None
+        else:
+            stash = []
         run = sched.step if train else sched.eval
         if g.is_first_stage:
             run(*args)
@@ -215,6 +223,8 @@ class Engine:
             run(target=args[-1], losses=[])
         else:
             run()
+        for p, grad in stash:
+            p.grad = grad if p.grad is None else p.grad + grad
 
     # --- gradients --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -308,6 +318,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole TP shard of a DTensor sharded over DP (FSDP2), or the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _reshard(module: nn.Module) -> None:
+    """Return every FSDP2 unit to its sharded parameters (those the optimizer holds)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:

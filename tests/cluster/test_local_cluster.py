@@ -84,7 +84,7 @@ def test_cli_up_add_kill_down():
         assert {r["name"] for r in cluster.node_table() if r["alive"]} == {"head", "worker-1"}
         assert "removed worker-1" in cli("remove-node", "worker-1", "--kill")  # a crash: SIGKILL
         assert _no_processes_left(cluster, ["worker-1"])
-        assert "worker-1" not in cli("status")
+        assert [n.name for n in LocalCluster.attach(cluster_dir).nodes] == ["head"]  # state.json updated
         assert "stopped" in cli("down")
         assert _no_processes_left(cluster, ["head"]) and not os.path.exists(cluster_dir)
     finally:

@@ -117,3 +117,11 @@ def test_padding_keeps_eos(data_tokenizer):
     for i in range(3):
         assert 1 in out["labels"][i].tolist() and 1 in out["input_ids"][i].tolist()
     assert data_tokenizer.decode(out["labels"][0]) == exs[0].target[: len(data_tokenizer.decode(out["labels"][0]))]
+
+
+def test_vqg_answer_positional_and_position_errors():
+    assert build_prompt("vqg", "fr", "bleu") == "Generate a question in fr for bleu:"
+    with pytest.raises(ValueError, match="needs an answer"):
+        build_prompt("vqg", "fr")
+    with pytest.raises(ValueError, match="split position -1"):
+        build_prompt("split_caption", "fr", position=-1)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 ATOL = 1e-4
 WORLD2 = [
     Layout("tp2", tp=2),
-    Layout("pp2_1f1b_mb2", pp=2, microbatches=2, schedule="1f1b"),
+    Layout("pp2_1f1b_mb2", pp=2, microbatches=2, schedule="1f1b", repeat=True),
     Layout("pp2_gpipe", pp=2, schedule="gpipe"),
     Layout("dp2", dp=2, adam=True),
     Layout("dp2_mb2", dp=2, microbatches=2),
@@ -38,7 +38,8 @@ WORLD4 = [
     Layout("dp2xtp2", dp=2, tp=2, adam=True, full_state=True),
     Layout("dp2xpp2_frozen", dp=2, pp=2, microbatches=2, schedule="gpipe", freeze_vision=True),
     Layout("dp2xtp2_fsdp", dp=2, tp=2, dp_mode="fsdp", full_state=True),
-    Layout("dp2xpp2_fsdp_bf16", dp=2, pp=2, microbatches=2, dp_mode="fsdp", bf16=True),
+    Layout("dp2xpp2_fsdp_bf16_frozen", dp=2, pp=2, microbatches=2, dp_mode="fsdp", bf16=True,
+           freeze_vision=True, repeat=True),
 ]
 LAYOUTS = {lay.name: lay for lay in WORLD2 + WORLD4}
 EXACT = [name for name, lay in LAYOUTS.items() if not lay.bf16]
@@ -107,7 +108,9 @@ def test_loss_and_gradients_equal_one_process(results, reference, name):
     ranks = _load(results, name)
     for meta, _, _ in ranks:
         assert meta["num_tokens"] == reference["num_tokens"]
-        assert abs(meta["loss"] - reference["loss"]) <= 1e-5 * reference["loss"], (meta["loss"], reference["loss"])
+        for key in ("loss", "eval_loss"):  # eval_step: the same forward without gradients
+            assert abs(meta[key] - reference["loss"]) <= 1e-5 * reference["loss"], (key, meta[key], reference["loss"])
+        assert meta["eval_left_grads_alone"]
     want = {n: g for n, g in reference["grads"].items()
             if not (lay.freeze_vision and n.startswith("vision_tower."))}
     _assert_close(_merged(ranks, "grad"), want, ATOL, f"{name} gradients")
@@ -126,6 +129,15 @@ def test_per_example_losses_reach_every_rank(results, reference, name):
         assert meta["example_tokens"] == reference["example_tokens"].chunk(dp)[meta["dp_rank"]].tolist()
     ex = torch.tensor([v for r in range(dp) for v in by_replica[r]])
     torch.testing.assert_close(ex, reference["example_loss_sum"], atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["pp2_1f1b_mb2", "dp2xpp2_fsdp_bf16_frozen"])
+def test_pipeline_steps_repeat_and_change_shape(results, name):
+    """New prompt lengths get a new pipeline stage; the first shape's stage is reused with equal results."""
+    for meta, _, _ in _load(results, name):
+        assert math.isfinite(meta["short_loss"]) and meta["short_loss"] != meta["loss"]
+        assert meta["repeat_loss"] == pytest.approx(meta["loss"], rel=1e-6)
+        assert meta["repeat_same_grads"]
 
 
 @pytest.mark.parametrize("name", ["tp2", "pp2_1f1b_mb2", "dp2", "dp2_fsdp_mb2", "tp2xpp2_mb2", "dp2xtp2",
@@ -173,12 +185,23 @@ def test_full_state_dict_gathers_on_rank0(results, reference, name):
     assert all(meta["full_state_is_none"] for meta, _, _ in ranks[1:])
 
 
-def test_bf16_autocast_pipeline_with_fsdp_tracks_fp32(results, reference):
-    """bf16 autocast (PP=2 x FSDP DP=2): loss within 1 %, gradients pointing the same way (cosine > 0.99)."""
-    ranks = _load(results, "dp2xpp2_fsdp_bf16")
-    assert all(abs(m["loss"] - reference["loss"]) < 1e-2 * reference["loss"] for m, _, _ in ranks)
+def test_bf16_autocast_pipeline_with_fsdp_matches_one_process_bf16(results, reference):
+    """bf16 autocast (PP=2 x FSDP DP=2, frozen vision) reproduces one process under the same autocast.
+
+    (bf16 itself moves the gradients of this random tiny model to cosine ~0.97 of fp32, in one process too.)
+    """
+    cfg = tiny_cfg(freeze_vision=True)
+    model = create_model(cfg, seed=0)
+    batch = global_batch(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                    image_mask=batch["image_mask"])
+    out.loss.backward()
+    ranks = _load(results, "dp2xpp2_fsdp_bf16_frozen")
+    assert all(abs(m["loss"] - out.loss.item()) < 1e-3 * out.loss.item() for m, _, _ in ranks)
     got = _merged(ranks, "grad")
-    assert set(got) == set(reference["grads"])
+    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == set(want)
     a = torch.cat([got[n].flatten() for n in sorted(got)])
-    b = torch.cat([reference["grads"][n].flatten() for n in sorted(got)])
-    assert torch.isfinite(a).all() and F.cosine_similarity(a, b, dim=0) > 0.99
+    b = torch.cat([want[n].grad.flatten() for n in sorted(got)])
+    assert torch.isfinite(a).all() and F.cosine_similarity(a, b, dim=0) > 0.995

@@ -36,6 +36,7 @@ class Layout:
     adam: bool = False  # take one AdamW step and save weights + moments
     full_state: bool = False  # save engine.full_state_dict() from rank 0
     bf16: bool = False  # bfloat16 autocast (compared loosely)
+    repeat: bool = False  # then a step on shorter prompts and the first step again (schedule reuse)
 
     @property
     def world(self) -> int:
@@ -73,9 +74,21 @@ def _run_one(rank: int, lay: Layout, out: str) -> None:
     res = engine.train_step(batch)
     tensors = {f"grad/{n}": _whole(p.grad).detach().clone() for n, p in engine.named_parameters()
                if p.grad is not None}
+    ev = engine.eval_step(batch)
+    still = all(torch.equal(_whole(p.grad), tensors[f"grad/{n}"]) for n, p in engine.named_parameters())
     norm = engine.clip_grad_norm_(1e9)
     clipped = engine.clip_grad_norm_(0.5 * norm)
     after = engine.clip_grad_norm_(1e9)
+    repeat = {}
+    if lay.repeat:
+        assert not lay.adam
+        engine.zero_grad()
+        short = {**batch, "input_ids": batch["input_ids"][:, :-2], "attention_mask": batch["attention_mask"][:, :-2]}
+        repeat["short_loss"] = engine.train_step(short).loss
+        engine.zero_grad()
+        repeat["repeat_loss"] = engine.train_step(batch).loss
+        repeat["repeat_same_grads"] = all(
+            torch.allclose(_whole(p.grad), tensors[f"grad/{n}"], atol=1e-6) for n, p in engine.named_parameters())
     if lay.adam:
         for _, p in engine.named_parameters():  # undo the clipping so the optimizer sees the raw gradients
             p.grad.mul_(2.0)
@@ -92,9 +105,10 @@ def _run_one(rank: int, lay: Layout, out: str) -> None:
     meta = {"specs": {n: s.to_dict() for n, s in engine.shard_spec().items()},
             "trainable": [n for n, _ in engine.named_parameters()],
             "loss": res.loss, "num_tokens": res.num_tokens, "dp_rank": grid.dp_rank,
+            "eval_loss": ev.loss, "eval_left_grads_alone": still,
             "example_loss_sum": res.example_loss_sum.tolist(), "example_tokens": res.example_tokens.tolist(),
             "norm": norm, "norm_before_clip": clipped, "norm_after_clip": after,
-            "full_state_is_none": full is None}
+            "full_state_is_none": full is None, **repeat}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(meta, f)
     grid.destroy()

@@ -11,10 +11,10 @@ import pytest
 import requests
 import torch
 from PIL import Image
+from serve_testlib import png_bytes, png_header_bomb
 
 from serve.engine import trim
 from serve.preprocess import decode_image, preprocess_image
-from tests.serve.conftest import png_bytes, png_header_bomb
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 import requests
-
-from tests.serve.conftest import png_bytes
+from serve_testlib import png_bytes
 
 pytestmark = pytest.mark.slow
 

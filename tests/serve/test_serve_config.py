@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from serve_testlib import png_bytes, png_header_bomb
 
 from serve.config import AppArgs, check_serve_settings
 from serve.engine import check_params, make_prompt, trim
 from serve.preprocess import InputError, decode_base64, decode_image, preprocess_image
-from tests.serve.conftest import png_bytes, png_header_bomb
 
 CONFIG = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
 

@@ -8,8 +8,7 @@ import time
 
 import pytest
 import requests
-
-from tests.serve.conftest import png_bytes
+from serve_testlib import png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +71,23 @@ def test_replicas_grow_under_load_and_shrink_after(serve_url, checkpoints):
         print(f"scaled up after {up:.1f} s of load, down {down:.1f} s after it stopped")
     finally:
         serve.delete("scale")
+
+
+def test_replica_whose_checkpoint_fails_to_load_is_retried_then_reported(serve_url, checkpoints):
+    from ray import serve
+
+    from serve.app import build_app
+
+    app = build_app({"models": {"broken": checkpoints["broken"]}, "num_replicas": 1, "num_cpus": 0.25,
+                     "max_constructor_retry_count": 2})
+    try:
+        with pytest.raises(RuntimeError):
+            serve.run(app, name="broken", route_prefix="/broken")
+        status = serve.status().applications["broken"]
+        assert status.status == "DEPLOY_FAILED"
+        message = status.deployments["PaLIServer"].message
+        assert f"loading checkpoint {checkpoints['broken']}" in message and "2 times" in message, message
+        # the healthy application next to it is untouched
+        assert requests.get(serve_url + "/healthz", timeout=30).status_code == 200
+    finally:
+        serve.delete("broken")

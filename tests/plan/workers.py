@@ -1,0 +1,43 @@
+"""Rank functions for the measured-memory test (module level so torch.multiprocessing can pickle them)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from pali.config import PaLIConfig
+from pali.plan.measure import SavedActivationMeter, state_bytes
+from tests.parallel.harness import dp_share, global_batch
+
+
+def measure_layouts(rank: int, world: int, cfg_json: str, layouts: list[dict], batch_kw: dict, out_dir: str) -> None:
+    """Train two real steps per layout; record this rank's state bytes and peak saved-activation bytes."""
+    from pali.parallel import Grid, build_engine
+
+    cfg = PaLIConfig.from_dict(json.loads(cfg_json))
+    batch = global_batch(cfg, **batch_kw)
+    results = []
+    for lay in layouts:
+        grid = Grid.init(dp=lay["dp"], pp=lay["pp"], tp=lay["tp"])
+        engine = build_engine(cfg, grid, seed=0, dp_mode=lay["dp_mode"], num_microbatches=lay["microbatches"],
+                              activation_checkpointing=lay["checkpointing"])
+        opt = torch.optim.AdamW(engine.parameters(), lr=1e-4)
+        local = dp_share(batch, grid.dp, grid.dp_rank)
+        engine.train_step(local)  # step 1 creates the optimizer state
+        opt.step()
+        engine.zero_grad()
+        meter = SavedActivationMeter()
+        with meter:
+            res = engine.train_step(local)
+        assert meter.live == 0, f"{meter.live} saved bytes still alive after backward"
+        opt.step()
+        st = state_bytes(engine.model, opt)
+        results.append({"name": lay["name"], "rank": rank, "pp_rank": grid.pp_rank, "params": st.params,
+                        "grads": st.grads, "optimizer": st.optimizer, "activations": meter.peak,
+                        "loss": res.loss})
+        engine.zero_grad()
+        del engine, opt
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
