@@ -117,7 +117,7 @@ HEADER = ["TPxPPxDP", "dp", "ckpt", "m x mb", "param", "grad", "optim", "act", "
 def format_table(rows: list[list[str]]) -> str:
     """Left-aligned text table."""
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
     return "\n".join([line(HEADER), line(["-" * w for w in widths]), *map(line, rows)])
 
 

@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     g.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray (oversubscribed on purpose)")
     g.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per training worker")
     g.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
     overrides = {}
@@ -94,10 +95,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         warmup_steps=a.warmup_steps, optimizer=a.optimizer, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
         seed=a.seed, tp=a.tp, pp=a.pp, workers=a.workers, min_workers=a.min_workers, max_workers=a.max_workers,
         cpus_per_worker=a.cpus_per_worker,
-        worker_resources=json.loads(a.worker_resources) if a.worker_resources else {}, use_gpu=a.use_gpu, dp_mode=a.dp_mode, pp_schedule=a.pp_schedule,
+        worker_resources=json.loads(a.worker_resources) if a.worker_resources else {},
+        use_gpu=a.use_gpu, dp_mode=a.dp_mode, pp_schedule=a.pp_schedule,
         activation_checkpointing=a.activation_checkpointing, checkpoint_every=a.checkpoint_every,
         log_every=a.log_every, output_dir=a.output_dir, name=a.name, storage_path=a.storage_path,
-        max_failures=a.max_failures, eval_examples=a.eval_examples, fail_at_step=a.fail_at_step)
+        max_failures=a.max_failures, eval_examples=a.eval_examples, fail_at_step=a.fail_at_step,
+        step_delay_s=a.step_delay)
     cfg.validate()
     return cfg, a
 
@@ -113,7 +116,7 @@ def init_ray(address: str | None, num_cpus: int) -> None:
     if address:
         ray.init(address=address, runtime_env=env)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import pali
-from pali.bench.common import median
+from pali.bench.common import load_script, median
 from pali.config import get_preset
 
 
@@ -75,10 +75,11 @@ def run_data(cfg: DataBenchConfig) -> dict:
     rate, their ratio, and the wait fraction of pipeline-fed training."""
     import ray
 
-    from benchmarks.data_pipeline import measure_pipeline, measure_training
     from pali.data.pipeline import DataConfig, train_tokenizer_from_shards
     from pali.data.synthetic import write_synthetic_shards
 
+    script = load_script("data_pipeline")
+    measure_pipeline, measure_training = script.measure_pipeline, script.measure_training
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     model_cfg = get_preset(cfg.preset)
     with tempfile.TemporaryDirectory() as tmp:

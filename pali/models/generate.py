@@ -91,7 +91,6 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-@torch.no_grad()
 def generate(model, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, num_beams: int = 1,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -105,11 +104,16 @@ def generate(model, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
     was_training = model.training
     model.eval()
     try:
-        enc, enc_mask = model.encode(pixel_values, input_ids, attention_mask, image_mask)
-        if num_beams == 1:
-            return _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k,
-                                     top_p, use_cache, generator)
-        return _beam_search(model, enc, enc_mask, max_new_tokens, num_beams, length_penalty, use_cache)
+        # inference_mode, not no_grad: no version counters or view tracking on the ~100 small ops of every
+        # decoding step. The result is cloned outside it so callers get an ordinary tensor.
+        with torch.inference_mode():
+            enc, enc_mask = model.encode(pixel_values, input_ids, attention_mask, image_mask)
+            if num_beams == 1:
+                out = _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k,
+                                        top_p, use_cache, generator)
+            else:
+                out = _beam_search(model, enc, enc_mask, max_new_tokens, num_beams, length_penalty, use_cache)
+        return out.clone()
     finally:
         model.train(was_training)
 

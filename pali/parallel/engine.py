@@ -62,7 +62,8 @@ class Engine:
         self.loss_fn = TokenLoss(cfg.text.pad_token_id, vocab_parallel=grid.tp > 1)
         self._schedules: dict[tuple, object] = {}
         self._shared = [n for n in SHARED_ACROSS_STAGES if n in specs] if grid.pp > 1 else []
-        self.act_dtype = autocast_dtype or next(model.parameters()).dtype
+        self.param_dtype = next(model.parameters()).dtype
+        self.act_dtype = autocast_dtype or self.param_dtype
 
     # --- parameters -------------------------------------------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -154,7 +155,7 @@ class Engine:
             for name in self._shared:
                 grad = self.model.get_parameter(name).grad
                 if grad is not None:
-                    dist.all_reduce(_local(grad), group=g.pp_group)
+                    dist.all_reduce(_local(grad), group=g.embed_group)
         # [loss_sum, example_loss_sum (b), example_tokens (b)] from the last stage to the whole replica.
         pack = torch.zeros(1 + 2 * b, dtype=torch.float64, device=self.device)
         if g.is_last_stage:
@@ -202,8 +203,8 @@ class Engine:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
             mb = args[0].shape[0] // n_mb
-            ins, outs = stage_io_meta(self.cfg, g.pp_rank, g.tp, mb, args[1].shape[1], args[-1].shape[1],
-                                      tuple(args[0].shape[1:]), self.act_dtype)
+            ins, outs = stage_io_meta(self.cfg, g.pp, g.pp_rank, g.tp, mb, args[1].shape[1], args[-1].shape[1],
+                                      tuple(args[0].shape[1:]), self.act_dtype, self.param_dtype)
             stage = PipelineStage(self.module, g.pp_rank, g.pp, self.device, input_args=ins, output_args=outs,
                                   group=g.pp_group)
             # 1F1B needs at least pp micro-batches; with fewer it would be GPipe's order anyway.
@@ -243,7 +244,7 @@ class Engine:
             grads.append(p.grad)
             if self.specs[name].dim is None and g.tp_rank != 0:
                 continue
-            if name in self._shared and not g.is_first_stage:
+            if name in self._shared and not g.is_first_stage:  # the copy on stage 0 counts
                 continue
             sq += _local(p.grad).double().pow(2).sum()
         if g.world > 1:

@@ -44,6 +44,9 @@ class Grid:
     """dp * pp * tp."""
     rank: int = 0
     """Global rank."""
+    embed_group: dist.ProcessGroup | None = None
+    """The two stages of a replica holding the token embedding (stage 0 and the first decoder-side stage,
+    same tp_rank); the pipeline group when pp=2; None when pp=1 or this rank holds no copy."""
 
     @classmethod
     def init(cls, dp: int | None = None, pp: int = 1, tp: int = 1) -> Grid:
@@ -79,6 +82,16 @@ class Grid:
                    pp_group=fs_init.get_pipeline_parallel_group(),
                    tp_group=fs_init.get_model_parallel_group(), world=world, rank=rank)
         assert dist.get_rank(grid.pp_group) == grid.pp_rank and dist.get_rank(grid.tp_group) == grid.tp_rank
+        if pp == 2:
+            grid.embed_group = grid.pp_group
+        elif pp > 2:
+            k = (pp + 1) // 2  # pali.parallel.deep.first_decoder_stage
+            for d in range(dp):  # every rank creates every group, in the same order
+                for t in range(tp):
+                    ranks = [grid.global_rank(d, 0, t), grid.global_rank(d, k, t)]
+                    group = dist.new_group(ranks)
+                    if rank in ranks:
+                        grid.embed_group = group
         _CURRENT = grid
         return grid
 

@@ -3,10 +3,11 @@
 A stage model is an unmodified `PaLI` built on the meta device, with the TP plan applied and the
 submodules of other stages deleted, so parameter names stay those of `PaLI.state_dict()`.
 
-Cuts (`STAGE_PARTS`): pp=1 holds everything; pp=2 is vision + projector + encoder | decoder + head.
-`text.shared` (the token embedding) is used by both stages (prompt and decoder inputs), so both hold a
-copy and the engine all-reduces its gradient over the pipeline group, as Megatron does for tied
-embeddings.
+Cuts (`STAGE_PARTS`): pp=1 holds everything; pp=2 is vision + projector + encoder | decoder + head;
+pp > 2 spreads the encoder blocks over ceil(pp/2) stages and the decoder blocks over the rest
+(`pali.parallel.deep`). `text.shared` (the token embedding) is used on both sides (prompt and decoder
+inputs), so stage 0 and the first decoder-side stage hold a copy and the engine all-reduces its gradient
+over `Grid.embed_group`, as Megatron does for tied embeddings.
 """
 
 from __future__ import annotations
@@ -19,25 +20,40 @@ from torch import nn
 from pali.checkpoint import create_model
 from pali.config import PaLIConfig
 from pali.models.pali import PaLI
+from pali.parallel import deep
+from pali.parallel.deep import first_decoder_stage
 from pali.parallel.plan import TP_PLAN, ShardSpec, apply_tp_plan, check_tp, shard_specs
 
 _ALL_PARTS = ("vision_tower", "projector", "text.shared", "text.encoder", "text.decoder", "text.lm_head")
+MAX_PP = 8
+
+
+def _deep_parts(pp: int) -> list[tuple[str, ...]]:
+    k = first_decoder_stage(pp)
+    parts = [("vision_tower", "projector", "text.shared", "text.encoder")] + [("text.encoder",)] * (k - 1)
+    for i in range(k, pp):
+        parts.append(("text.shared",) * (i == k) + ("text.decoder",) + ("text.lm_head",) * (i == pp - 1))
+    return parts
+
+
 STAGE_PARTS: dict[int, list[tuple[str, ...]]] = {
     1: [_ALL_PARTS],
     2: [("vision_tower", "projector", "text.shared", "text.encoder"),
         ("text.shared", "text.decoder", "text.lm_head")],
+    **{pp: _deep_parts(pp) for pp in range(3, MAX_PP + 1)},
 }
-"""Pipeline degree -> the top-level parts each stage holds."""
+"""Pipeline degree -> the top-level parts each stage holds (pp > 2 also splits the block lists, see
+`pali.parallel.deep`; the config must have at least ceil(pp/2) encoder and floor(pp/2) decoder blocks)."""
 
 SHARED_ACROSS_STAGES = ("text.shared.weight",)
-"""Parameters held by the first and the last stage (gradients summed over the pipeline group)."""
+"""Parameters held by two stages (0 and the first decoder-side one); gradients summed over Grid.embed_group."""
 
 
 def check_pp(pp: int) -> None:
     """Raise ValueError for a pipeline degree without a defined cut."""
     if pp not in STAGE_PARTS:
         raise ValueError(f"pp={pp} has no stage cut; supported pipeline degrees are {sorted(STAGE_PARTS)} "
-                         "(vision+projector+encoder | decoder+head)")
+                         "(vision+projector+encoder | decoder+head, blocks spread when pp > 2)")
 
 
 def build_stage_model(cfg: PaLIConfig, pp: int = 1, tp: int = 1, pp_rank: int = 0, tp_rank: int = 0
@@ -53,6 +69,9 @@ def build_stage_model(cfg: PaLIConfig, pp: int = 1, tp: int = 1, pp_rank: int = 
     model = create_model(cfg, device="meta")
     full_shapes = {k: v.shape for k, v in model.state_dict().items()}
     applied = apply_tp_plan(model, tp, tp_rank, TP_PLAN)
+    if pp > 2:
+        deep.cut(model, pp, pp_rank)
+        return model, shard_specs(model, applied, full_shapes, tp, tp_rank)
     keep = STAGE_PARTS[pp][pp_rank]
     for part in _ALL_PARTS:
         parent_path, _, child = part.rpartition(".")
@@ -125,17 +144,23 @@ def stage_module(model: PaLI, pp: int, pp_rank: int, act_dtype: torch.dtype = to
     """The nn.Module that runs this rank's stage."""
     if pp == 1:
         return FullStage(model)
+    if pp > 2:
+        cls = deep.DeepEncoderStage if pp_rank < first_decoder_stage(pp) else deep.DeepDecoderStage
+        return cls(model, pp, pp_rank, act_dtype)
     return EncoderStage(model, act_dtype) if pp_rank == 0 else DecoderStage(model, act_dtype)
 
 
-def stage_io_meta(cfg: PaLIConfig, pp_rank: int, tp: int, mb: int, prompt_len: int, target_len: int,
-                  image_shape: tuple[int, ...], act_dtype: torch.dtype
+def stage_io_meta(cfg: PaLIConfig, pp: int, pp_rank: int, tp: int, mb: int, prompt_len: int, target_len: int,
+                  image_shape: tuple[int, ...], act_dtype: torch.dtype, param_dtype: torch.dtype = torch.float32
                   ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Meta-device (inputs, outputs) of a two-stage pipeline's stage for one micro-batch of `mb` examples.
+    """Meta-device (inputs, outputs) of a pipeline stage for one micro-batch of `mb` examples.
 
     Given to `PipelineStage` so it never runs its dynamic shape inference, which feeds uninitialised
     integer tensors (token ids) to the later stage.
     """
+    if pp > 2:
+        return deep.io_meta(cfg, pp, pp_rank, tp, mb, prompt_len, target_len, image_shape, act_dtype,
+                            param_dtype)
     def meta(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
 

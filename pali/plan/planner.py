@@ -135,7 +135,9 @@ def rank_memory(cfg: PaLIConfig, tp: int, pp: int, dp: int, stage_index: int, ge
     if dp > 1 and dp_mode == "fsdp":
         transient += _fsdp_unsharded(cfg, st, tp) * (pr.param + pr.grad) * (dp - 1) / dp
     if precision == "amp":
-        transient += 2 * pc.trainable  # autocast caches a bf16 copy of every trained weight for the step
+        # autocast caches a bf16 copy of every trained fp32 weight for the whole step, and autograd saves it
+        # for backward; FSDP2 frees the gathered fp32 weight, not this copy, so it is counted unsharded.
+        transient += 2 * pc.trainable
     mem.transient = transient + overhead_bytes
     return mem
 
@@ -279,7 +281,7 @@ def evaluate(req: PlanRequest, tp: int, pp: int, dp_mode: str, checkpointing: bo
     tp_b = max(tp_bytes(cfg, st, geo, tp, micro_batch, pr.act, checkpointing) for st in stages) * m
     pp_b = max(boundary_bytes(cfg, stages, i, geo, micro_batch, pr.act) for i in range(pp)) * 2 * m if pp > 1 else 0.0
     dp_b = 0.0
-    for i, st in enumerate(stages):
+    for st in stages:
         pc = stage_params(cfg, st, tp)
         if dp_mode == "fsdp":
             b = ring_gather(pc.total * pr.param, dp) * 2 + ring_gather(pc.trainable * pr.grad, dp)

@@ -85,6 +85,8 @@ class TrainConfig:
     """Worker-group restarts from the latest checkpoint before the run fails."""
     eval_examples: int = 64
     """Held-out examples for the end-of-run loss and samples."""
+    step_delay_s: float = 0.0
+    """Testing aid: sleep this long after every step (stretches a tiny run so a cluster can resize under it)."""
     fail_at_step: int | None = None
     """Testing aid: rank 1 exits abruptly at this step in the first attempt (fault-tolerance tests)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not same_layout and cfg.optimizer == "adafactor":
             print(f"[pali] layout changed {loaded['layout']} -> dp={grid.dp} pp={grid.pp} tp={grid.tp}: "
                   "Adafactor's factored moments restart (AdamW state reshards exactly)")
-        for _ in range(start_step):
-            sched.step()
+        with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is missing
+            warnings.simplefilter("ignore")
+            for _ in range(start_step):
+                sched.step()
         if same_layout and loaded["rng"].get(rank) is not None:
             torch.set_rng_state(loaded["rng"][rank])
         del loaded
@@ -197,6 +200,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sched.step()
         engine.zero_grad()
         dt = time.perf_counter() - t0
+        if cfg.step_delay_s:
+            time.sleep(cfg.step_delay_s)
         # Per-task sums from this replica's reading rank, summed over the world (others add zeros).
         acc.add(res, batch["task_id"], batch["input_ids"], batch["image_mask"], reader, dt, t_data,
                 float(gnorm))

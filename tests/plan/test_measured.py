@@ -3,7 +3,8 @@
 Each rank of each layout trains two steps with `pali.parallel.build_engine` and AdamW; the worker counts
 the bytes of its parameters, gradients and optimizer state, and the peak of the tensors autograd saves
 for backward (`pali.plan.measure`). The planner (`rank_memory`, fp32, CPU attention kernels) must
-predict every rank's state + activations within 15 %, and each part separately.
+predict every rank's state + activations within 15 %, and each part separately. Layouts cover TP 1/2,
+PP 1/2 (1F1B), DDP and FSDP2 (sharded optimizer), with and without activation checkpointing, on 2 ranks.
 """
 
 from __future__ import annotations
@@ -19,19 +20,17 @@ from pali.plan.planner import rank_memory
 from tests.parallel.harness import spawn
 from tests.plan.workers import measure_layouts
 
-WORLD = 4
-B, PROMPT, TARGET = 8, 12, 10  # global batch; prompt and target tokens per example
+WORLD = 2
+B, PROMPT, TARGET = 4, 12, 10  # global batch; prompt and target tokens per example
 
 LAYOUTS = [
     # name, tp, pp, dp, dp_mode, micro-batches, activation checkpointing
-    ("dp4_ddp", 1, 1, 4, "ddp", 1, False),
-    ("dp4_fsdp", 1, 1, 4, "fsdp", 1, False),
-    ("tp2_dp2_ddp_ckpt", 2, 1, 2, "ddp", 2, True),
-    ("tp2_dp2_fsdp", 2, 1, 2, "fsdp", 1, False),
-    ("pp2_dp2_1f1b", 1, 2, 2, "ddp", 2, False),
-    ("pp2_dp2_fsdp_ckpt", 1, 2, 2, "fsdp", 2, True),
-    ("tp2_pp2", 2, 2, 1, "ddp", 4, False),
-    ("tp2_pp2_ckpt", 2, 2, 1, "ddp", 4, True),
+    ("dp2_ddp", 1, 1, 2, "ddp", 1, False),
+    ("dp2_fsdp_ckpt", 1, 1, 2, "fsdp", 2, True),
+    ("tp2", 2, 1, 1, "ddp", 1, False),
+    ("tp2_ckpt", 2, 1, 1, "ddp", 2, True),
+    ("pp2_1f1b", 1, 2, 1, "ddp", 2, False),
+    ("pp2_1f1b_ckpt", 1, 2, 1, "ddp", 4, True),
 ]
 
 
@@ -88,7 +87,9 @@ def test_checkpointing_and_sharding_change_what_the_planner_says(measured):
     """The measured effects the planner predicts actually happen: checkpointing cuts saved activations,
     FSDP cuts state bytes by about dp, and 1F1B's first stage holds more micro-batches than the last."""
     _, rows = measured
-    assert rows[("dp4_fsdp", 0)]["optimizer"] < rows[("dp4_ddp", 0)]["optimizer"] / 3
-    assert rows[("tp2_pp2_ckpt", 0)]["activations"] < rows[("tp2_pp2", 0)]["activations"] / 2
-    assert all(r["loss"] == pytest.approx(rows[("dp4_ddp", 0)]["loss"], rel=1e-3)
-               for (n, _), r in rows.items() if not n.endswith("ckpt"))
+    assert rows[("dp2_fsdp_ckpt", 0)]["optimizer"] < rows[("dp2_ddp", 0)]["optimizer"] * 0.6
+    for name in ("tp2", "pp2_1f1b"):
+        for rank in range(WORLD):
+            assert rows[(name + "_ckpt", rank)]["activations"] < rows[(name, rank)]["activations"] / 2
+    assert rows[("pp2_1f1b", 0)]["activations"] > rows[("pp2_1f1b", 1)]["activations"]
+    assert all(r["loss"] == pytest.approx(rows[("dp2_ddp", 0)]["loss"], rel=1e-3) for r in rows.values())

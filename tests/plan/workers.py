@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 
@@ -20,6 +21,7 @@ def measure_layouts(rank: int, world: int, cfg_json: str, layouts: list[dict], b
     batch = global_batch(cfg, **batch_kw)
     results = []
     for lay in layouts:
+        t0 = time.time()
         grid = Grid.init(dp=lay["dp"], pp=lay["pp"], tp=lay["tp"])
         engine = build_engine(cfg, grid, seed=0, dp_mode=lay["dp_mode"], num_microbatches=lay["microbatches"],
                               activation_checkpointing=lay["checkpointing"])
@@ -34,7 +36,8 @@ def measure_layouts(rank: int, world: int, cfg_json: str, layouts: list[dict], b
         assert meter.live == 0, f"{meter.live} saved bytes still alive after backward"
         opt.step()
         st = state_bytes(engine.model, opt)
-        results.append({"name": lay["name"], "rank": rank, "pp_rank": grid.pp_rank, "params": st.params,
+        results.append({"name": lay["name"], "seconds": round(time.time() - t0, 2), "rank": rank,
+                        "pp_rank": grid.pp_rank, "params": st.params,
                         "grads": st.grads, "optimizer": st.optimizer, "activations": meter.peak,
                         "loss": res.loss})
         engine.zero_grad()

@@ -1,0 +1,146 @@
+"""Targets, `results.json` and the markdown table `results.md` of a benchmark run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TARGETS = {
+    "train": "train step >= 1.3x the HF-assembled model",
+    "decode": "KV-cache greedy decoding >= 2x HF generate",
+    "data": "data pipeline >= 3x the trainer's consumption, data wait < 5 % of step time",
+    "serve": "dynamic batching >= 4x the throughput of batch size 1 at no worse p99",
+    "parallel": "TP=2 halves per-rank parameter memory within 5 %",
+}
+
+
+def check_targets(suites: dict) -> list[dict]:
+    """One row per target measured in this run: what, measured value, goal, met."""
+    rows = []
+    for r in suites.get("train", []):
+        rows.append({"target": f"train step speed-up vs HF ({r['preset']})", "measured": f"{r['speedup']:.2f}x",
+                     "goal": ">= 1.30x", "met": r["speedup"] >= 1.3})
+    for r in suites.get("decode", []):
+        if r["num_beams"] == 1:
+            rows.append({"target": f"greedy decoding speed-up vs HF generate ({r['preset']})",
+                         "measured": f"{r['speedup']:.2f}x", "goal": ">= 2.00x", "met": r["speedup"] >= 2.0})
+    if "data" in suites:
+        d = suites["data"]
+        rows.append({"target": "data pipeline / training consumption", "measured": f"{d['ratio']:.1f}x",
+                     "goal": ">= 3.0x", "met": d["ratio"] is not None and d["ratio"] >= 3.0})
+        rows.append({"target": "data wait fraction of step time", "measured": f"{100 * d['wait_frac']:.1f} %",
+                     "goal": "< 5 %", "met": d["wait_frac"] < 0.05})
+    if "serve" in suites:
+        s = suites["serve"]
+        rows.append({"target": "dynamic batching throughput / batch size 1",
+                     "measured": f"{s['throughput_ratio']:.2f}x", "goal": ">= 4.00x",
+                     "met": s["throughput_ratio"] >= 4.0})
+        rows.append({"target": "dynamic batching p99 / batch size 1 p99",
+                     "measured": f"{s['p99_ratio_on_over_off']:.2f}", "goal": "<= 1.00",
+                     "met": s["p99_ratio_on_over_off"] <= 1.0})
+    if "parallel" in suites:
+        r = suites["parallel"]["memory"]["TP=2"]["param_ratio"]
+        rows.append({"target": "TP=2 per-rank parameter memory / TP=1", "measured": f"{r:.3f}",
+                     "goal": "0.500 +- 5 % (0.475-0.525)", "met": abs(r / 0.5 - 1) <= 0.05})
+    return rows
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2 ** 20:.2f}"
+
+
+def to_markdown(result: dict) -> str:
+    """The human-readable report: environment, targets, then one table per suite."""
+    env, suites = result["environment"], result["suites"]
+    lines = ["# PaLI benchmark results", "",
+             f"- date: {env['date']}; commit `{env['commit']}`",
+             f"- hardware: {env['cpu']}, {env['cores']} cores; GPU: {env['gpu'] or 'none'}; "
+             f"load average at start {env['load_avg_at_start']}",
+             f"- software: python {env['python']}, torch {env['torch']}, ray {env['ray']}, "
+             f"transformers {env['transformers']}; torch threads {env['torch_threads']} (both sides)",
+             f"- command: `{result['command']}`; every figure is a median over {result['repeats']} repeats; "
+             "ratios are measured side by side in the same run (alternating order)",
+             f"- wall time of the run: {result['wall_s']:.0f} s", ""]
+    if result.get("errors"):
+        lines += ["## Suites that failed", ""] + [f"- {k}: `{v}`" for k, v in result["errors"].items()] + [""]
+    if result.get("targets"):
+        lines += ["## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
+                  for t in result["targets"]]
+        lines.append("")
+    if "train" in suites:
+        lines += ["## Train step (forward + backward + AdamW), PaLI vs HF-assembled (MT5 + SigLIP + linear)", "",
+                  "| preset | params | batch | tokens/step | loss ours / HF | PaLI ex/s | HF ex/s | PaLI tok/s | "
+                  "HF tok/s | speed-up | MFU (as trainer) | MFU (used threads) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in suites["train"]:
+            lines.append(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['batch_size']} | {r['tokens_per_step']} | "
+                         f"{r['loss_ours']:.5f} / {r['loss_hf']:.5f} | {r['examples_per_s_ours']:.1f} | "
+                         f"{r['examples_per_s_hf']:.1f} | {r['tokens_per_s_ours']:.0f} | {r['tokens_per_s_hf']:.0f} | "
+                         f"{r['speedup']:.2f}x | {100 * r['mfu_as_trainer_reports']:.2f} % | "
+                         f"{100 * r['mfu_of_used_threads']:.2f} % |")
+        lines.append("")
+    if "decode" in suites:
+        lines += ["## Decoding, KV cache vs HF `generate` (same weights, identical tokens checked)", "",
+                  "| preset | mode | batch | new tokens | PaLI s/call | HF s/call | PaLI tok/s | HF tok/s | "
+                  "speed-up | tokens identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in suites["decode"]:
+            lines.append(f"| {r['preset']} | {r['mode']} | {r['batch_size']} | {r['new_tokens']} | "
+                         f"{r['call_s_ours']:.3f} | {r['call_s_hf']:.3f} | {r['tokens_per_s_ours']:.0f} | "
+                         f"{r['tokens_per_s_hf']:.0f} | {r['speedup']:.2f}x | "
+                         f"{'yes' if r['tokens_identical'] else 'NO'} |")
+        lines.append("")
+    if "data" in suites:
+        d = suites["data"]
+        lines += ["## Data: Ray Data pipeline vs a training worker's consumption", "",
+                  "| measure | examples/s | images/s |", "|---|---|---|",
+                  f"| pipeline, consumer side (incl. {d['pipeline_first_batch_s']:.1f} s to first batch) | "
+                  f"{d['pipeline_examples_per_s']:.0f} | {d['pipeline_images_per_s']:.0f} |",
+                  f"| pipeline, producer side | {d['producer_examples_per_s']:.0f} | "
+                  f"{d['producer_images_per_s']:.0f} |",
+                  f"| {d['preset']} training step, 1 process (consumption) | "
+                  f"{d['consumption_examples_per_s']:.1f} | - |",
+                  f"| training fed by the pipeline | {d['fed_examples_per_s']:.1f} | - |", "",
+                  f"Pipeline / consumption: **{d['ratio']:.1f}x**; data wait: **{100 * d['wait_frac']:.1f} %** of "
+                  f"step time (batch {d['batch_size']}, {d['image_size']} px, first batch excluded).", ""]
+    if "serve" in suites:
+        s = suites["serve"]
+        lines += [f"## Serving: dynamic batching (max {s['max_batch_size']}) vs batch size 1", "",
+                  f"{s['concurrency']} closed-loop clients, {s['duration_s']:.0f} s per mode, "
+                  f"{s['max_new_tokens']} new tokens, one replica, tiny preset.", "",
+                  "| mode | requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
+        for mode in ("batching_on", "batching_off"):
+            m = s[mode]
+            lines.append(f"| {mode} | {m['requests_per_s']:.1f} | {m['p50_ms']:.0f} | {m['p99_ms']:.0f} | "
+                         f"{m['errors']} |")
+        lines += ["", f"Throughput ratio **{s['throughput_ratio']:.2f}x**, p99 on/off "
+                  f"**{s['p99_ratio_on_over_off']:.2f}**.", ""]
+    if "parallel" in suites:
+        p = suites["parallel"]
+        lines += [f"## Parallel ({p['preset']} preset, {p['backend']})", "",
+                  "| layout | params MiB / rank | AdamW state MiB / rank | params vs TP=1 | total vs TP=1 |",
+                  "|---|---|---|---|---|"]
+        for name, m in p["memory"].items():
+            lines.append(f"| {name} | {_mib(m['param_bytes'])} | {_mib(m['optimizer_bytes'])} | "
+                         f"{m['param_ratio']:.3f} | {m['total_ratio']:.3f} |")
+        sc = p["dp_scaling"]
+        lines += ["", "| data parallel | step s | examples/s |", "|---|---|---|"]
+        lines += [f"| {k} | {v['step_s']:.3f} | {v['examples_per_s']:.1f} |" for k, v in sc.items()]
+        lines += ["", f"DP=1 -> 2 throughput: **{p['dp_speedup']:.2f}x** "
+                  f"(efficiency {100 * p['dp_efficiency']:.0f} %).", ""]
+    if "gpu_mfu" in suites:
+        g = suites["gpu_mfu"]
+        lines += ["## GPU MFU", "", g["note"] if "note" in g else
+                  f"{g['preset']} ({g['params'] / 1e9:.2f}B params, bf16): {g['examples_per_s']:.1f} ex/s, "
+                  f"MFU {100 * g['mfu']:.1f} % of {g['peak_flops'] / 1e12:.0f} TFLOP/s", ""]
+    return "\n".join(lines)
+
+
+def write(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write `results.json` and `results.md` into out_dir; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    j, m = out / "results.json", out / "results.md"
+    j.write_text(json.dumps(result, indent=2, default=str))
+    m.write_text(to_markdown(result))
+    return j, m

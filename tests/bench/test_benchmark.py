@@ -1,0 +1,87 @@
+"""Smoke test of the benchmark harness at its smallest configuration, plus its pure parts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from jobs.benchmark import main, parse_args
+from pali.bench.common import synthetic_batch, time_side_by_side
+from pali.bench.hf_reference import strip_hf
+from pali.bench.report import check_targets, to_markdown
+
+
+def test_smallest_configuration_end_to_end(tmp_path):
+    """train + decode on the tiny preset, 1 repeat: equal losses, identical tokens, a complete report."""
+    assert main(["--suite", "train,decode", "--preset", "tiny", "--repeats", "1", "--batch-size", "4",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    env = res["environment"]
+    for key in ("cpu", "cores", "torch", "ray", "transformers", "commit", "date"):
+        assert env[key], key
+    (train,) = res["suites"]["train"]
+    assert train["preset"] == "tiny" and train["loss_rel_diff"] <= 1e-4
+    assert train["examples_per_s_ours"] > 0 and train["examples_per_s_hf"] > 0
+    assert train["speedup"] == pytest.approx(train["step_s_hf"] / train["step_s_ours"])
+    assert 0 < train["mfu_as_trainer_reports"] < 1
+    modes = {r["mode"]: r for r in res["suites"]["decode"]}
+    assert set(modes) == {"greedy", "beam 4"} and all(r["tokens_identical"] for r in modes.values())
+    assert modes["greedy"]["new_tokens"] > 0
+    names = [t["target"] for t in res["targets"]]
+    assert "train step speed-up vs HF (tiny)" in names and "greedy decoding speed-up vs HF generate (tiny)" in names
+    md = (tmp_path / "results.md").read_text()
+    assert env["commit"] in md and "| tiny | greedy |" in md and "## Targets" in md
+
+
+def test_targets_are_judged_from_the_numbers():
+    suites = {"train": [{"preset": "tiny", "speedup": 1.29}],
+              "decode": [{"preset": "tiny", "num_beams": 1, "speedup": 2.5}, {"preset": "tiny", "num_beams": 4,
+                                                                                "speedup": 0.5}],
+              "data": {"ratio": 3.5, "wait_frac": 0.06},
+              "serve": {"throughput_ratio": 4.2, "p99_ratio_on_over_off": 0.9},
+              "parallel": {"memory": {"TP=2": {"param_ratio": 0.53}}}}
+    met = {t["target"]: t["met"] for t in check_targets(suites)}
+    assert met == {"train step speed-up vs HF (tiny)": False,
+                   "greedy decoding speed-up vs HF generate (tiny)": True,
+                   "data pipeline / training consumption": True, "data wait fraction of step time": False,
+                   "dynamic batching throughput / batch size 1": True,
+                   "dynamic batching p99 / batch size 1 p99": True,
+                   "TP=2 per-rank parameter memory / TP=1": False}
+
+
+def test_report_renders_every_suite_section():
+    mem = {"param_bytes": 2 ** 20, "optimizer_bytes": 2 ** 21, "param_ratio": 1.0, "total_ratio": 1.0}
+    result = {"command": "python -m jobs.benchmark --out x", "repeats": 3, "wall_s": 1.0, "targets": [],
+              "environment": {"date": "d", "commit": "abc", "cpu": "cpu", "cores": 2, "gpu": None,
+                              "load_avg_at_start": [1, 1, 1], "python": "3", "torch": "t", "ray": "r",
+                              "transformers": "h", "torch_threads": 1},
+              "suites": {"parallel": {"preset": "tiny", "backend": "gloo", "memory": {"TP=1": mem},
+                                      "dp_scaling": {"DP=1": {"step_s": 0.5, "examples_per_s": 16.0}},
+                                      "dp_speedup": 1.5, "dp_efficiency": 0.75},
+                         "gpu_mfu": {"note": "skipped: no CUDA GPU"}}}
+    md = to_markdown(result)
+    assert "| TP=1 | 1.00 | 2.00 |" in md and "1.50x" in md and "skipped: no CUDA GPU" in md
+
+
+def test_bad_options_name_the_value(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--suite", "train,warp", "--out", "x"])
+    assert "warp" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", "0", "--out", "x"])
+    assert "--repeats=0" in capsys.readouterr().err
+
+
+def test_side_by_side_timing_and_helpers():
+    calls = []
+    times = time_side_by_side({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2,
+                              warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a"] and all(len(v) == 2 for v in times.values())
+    from pali.config import get_preset
+
+    batch = synthetic_batch(get_preset("tiny"), 4, 8, 6)
+    assert batch["attention_mask"][1, 4:].sum() == 0 and (batch["labels"][1, 3:] == 0).all()
+    seqs = torch.tensor([[0, 5, 1, 7, 7], [0, 4, 4, 4, 4]])
+    assert strip_hf(seqs).tolist() == [[5, 1, 0, 0], [4, 4, 4, 4]]
