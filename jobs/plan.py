@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nno layout fits: add GPUs, lower --global-batch / --seq, or use --micro-batch 1")
         return 1
     print(f"\nrecommended: TP={best.tp} PP={best.pp} DP={best.dp} {best.dp_mode}"
-          f"{' + activation checkpointing' if best.checkpointing else ''}, {best.num_microbatches} micro-batches "
+          f"{' + activation checkpointing' if best.checkpointing else ''}, {best.num_microbatches} micro-batch(es) "
           f"of {best.micro_batch}: {best.memory['total']:.1f} GB/GPU, {best.step_time_s:.2f} s/step, "
           f"{best.examples_per_s:.0f} examples/s" + ("" if best.runnable else "  [modelled only: "
                                                      + "; ".join(best.notes) + "]"))

@@ -80,6 +80,18 @@ def to_markdown(result: dict) -> str:
                          f"{r['speedup']:.2f}x | {100 * r['mfu_as_trainer_reports']:.2f} % | "
                          f"{100 * r['mfu_of_used_threads']:.2f} % |")
         lines.append("")
+        prof = [r for r in suites["train"] if r.get("profile")]
+        if prof:
+            lines += ["Where a step's CPU time goes (torch.profiler, one step per side):", "",
+                      "| preset | side | self-CPU s/step | in GEMM kernels | in AdamW | aten calls/step |",
+                      "|---|---|---|---|---|---|"]
+            for r in prof:
+                for side in ("ours", "hf"):
+                    b = r["profile"][side]
+                    lines.append(f"| {r['preset']} | {'PaLI' if side == 'ours' else 'HF'} | {b['self_cpu_s']:.3f} | "
+                                 f"{100 * b['gemm_frac']:.0f} % | {100 * b['optimizer_frac']:.0f} % | "
+                                 f"{b['aten_calls_per_step']:.0f} |")
+            lines.append("")
     if "decode" in suites:
         lines += ["## Decoding, KV cache vs HF `generate` (same weights, identical tokens checked)", "",
                   "| preset | mode | batch | new tokens | PaLI s/call | HF s/call | PaLI tok/s | HF tok/s | "
@@ -115,6 +127,11 @@ def to_markdown(result: dict) -> str:
                          f"{m['errors']} |")
         lines += ["", f"Throughput ratio **{s['throughput_ratio']:.2f}x**, p99 on/off "
                   f"**{s['p99_ratio_on_over_off']:.2f}**.", ""]
+        if "in_process" in s:
+            ip = s["in_process"]
+            lines += [f"Replica decode path without HTTP (`serve.engine.decode_items`, {ip['batch_size']} requests): "
+                      f"{ip['requests_per_s_batched']:.1f} req/s batched vs {ip['requests_per_s_one_by_one']:.1f} "
+                      f"req/s one by one = **{ip['ratio']:.2f}x**.", ""]
     if "parallel" in suites:
         p = suites["parallel"]
         lines += [f"## Parallel ({p['preset']} preset, {p['backend']})", "",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,10 @@ class ServeBenchConfig:
     """Batch size of the dynamic-batching mode."""
     repeats: int = 1
     """Load runs (each starts and stops Ray and Serve)."""
+    in_process_repeats: int = 3
+    """Repeats of the in-process (no HTTP) batch-vs-single measurement of the replica's decode path."""
+    start_attempts: int = 2
+    """Tries per load run when Ray or Serve fails to start (start-up timeouts on a loaded machine)."""
 
 
 def run_serve(cfg: ServeBenchConfig) -> dict:
@@ -43,9 +49,21 @@ def run_serve(cfg: ServeBenchConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(cfg.repeats):
             out = Path(tmp) / f"serve{i}.json"
-            serve_load(["--concurrency", str(cfg.concurrency), "--duration", str(cfg.duration_s),
-                        "--max-new-tokens", str(cfg.max_new_tokens), "--max-batch-size", str(cfg.max_batch_size),
-                        "--torch-threads", "1", "--out", str(out)])
+            argv = ["--concurrency", str(cfg.concurrency), "--duration", str(cfg.duration_s),
+                    "--max-new-tokens", str(cfg.max_new_tokens), "--max-batch-size", str(cfg.max_batch_size),
+                    "--torch-threads", "1", "--out", str(out)]
+            for attempt in range(cfg.start_attempts):
+                try:
+                    serve_load(argv)
+                    break
+                except Exception as e:  # a loaded machine can time out Ray's or the proxy's start-up
+                    import ray
+
+                    ray.shutdown()
+                    if attempt + 1 == cfg.start_attempts:
+                        raise
+                    print(f"[serve] load run failed ({type(e).__name__}: {e}); retrying", file=sys.stderr)
+                    time.sleep(5)
             runs.append(json.loads(out.read_text())["results"])
     res: dict = {"concurrency": cfg.concurrency, "duration_s": cfg.duration_s, "max_new_tokens": cfg.max_new_tokens,
                  "max_batch_size": cfg.max_batch_size, "runs": runs}
@@ -56,4 +74,31 @@ def run_serve(cfg: ServeBenchConfig) -> dict:
     res["throughput_ratio"] = median([r["batching_on"]["requests_per_s"] / r["batching_off"]["requests_per_s"]
                                       for r in runs])
     res["p99_ratio_on_over_off"] = median([r["batching_on"]["p99_ms"] / r["batching_off"]["p99_ms"] for r in runs])
+    res["in_process"] = replica_batching(cfg.max_batch_size, cfg.max_new_tokens, cfg.in_process_repeats)
     return res
+
+
+def replica_batching(batch_size: int, max_new_tokens: int, repeats: int) -> dict:
+    """The replica's own decode path (`serve.engine.decode_items`) without HTTP: `batch_size` requests as
+    one batch against the same requests one at a time, side by side. This is the most dynamic batching
+    can gain; the HTTP proxy and clients' per-request CPU cost come on top in the load test."""
+    import numpy as np
+    import torch
+
+    from pali.bench.common import time_side_by_side
+    from serve.engine import DecodeParams, Item, decode_items, encode_prompt, load_model, make_prompt
+
+    script = load_script("serve_load")
+    with tempfile.TemporaryDirectory() as tmp:
+        entry = load_model("default", str(script.tiny_checkpoint(Path(tmp) / "tiny")))
+    rng = np.random.default_rng(0)
+    params = DecodeParams(max_new_tokens=max_new_tokens)
+    items = [Item(entry=entry, pixels=rng.standard_normal((3, entry.image_size, entry.image_size), dtype=np.float32),
+                  input_ids=encode_prompt(entry, make_prompt("caption", lang, None)), params=params)
+             for lang in (["en", "fr", "zh", "ar"] * batch_size)[:batch_size]]
+    with torch.no_grad():
+        times = time_side_by_side({"batched": lambda: decode_items(items),
+                                   "one_by_one": lambda: [decode_items([it]) for it in items]}, repeats, warmup=1)
+    on, off = median(times["batched"]), median(times["one_by_one"])
+    return {"batch_size": batch_size, "requests_per_s_batched": batch_size / on,
+            "requests_per_s_one_by_one": batch_size / off, "ratio": off / on, "times": times}

@@ -14,6 +14,7 @@ import torch
 import pali
 from pali.bench.common import batch_tokens, median, synthetic_batch, time_side_by_side
 from pali.bench.hf_reference import hf_reference
+from pali.bench.profile import step_breakdown
 from pali.models.pali import flops_per_example
 from pali.train.metrics import PEAK_FLOPS, peak_flops
 
@@ -34,6 +35,8 @@ class TrainBenchConfig:
     """Timed steps per side (median reported)."""
     loss_tol: float = 1e-4
     """Largest relative loss difference accepted before timing."""
+    profile: bool = True
+    """Profile one extra step per side: share of CPU time in GEMMs and the optimizer, operator calls."""
 
 
 def _step_fn(module, opt, batch):
@@ -52,7 +55,7 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
         model = pali.create_model(preset, seed=0).train()
         ref = hf_reference(model).train()
         batch = synthetic_batch(model.cfg, cfg.batch_size, cfg.prompt_len, cfg.target_len)
-        ours_loss, hf_loss = float(model(**batch).loss), float(ref(**batch).loss)
+        ours_loss, hf_loss = float(model(**batch).loss.detach()), float(ref(**batch).loss.detach())
         rel = abs(ours_loss - hf_loss) / max(abs(hf_loss), 1e-12)
         if rel > cfg.loss_tol:
             raise AssertionError(f"{preset}: PaLI loss {ours_loss:.6f} != HF-assembled loss {hf_loss:.6f} "
@@ -63,6 +66,8 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
                 for n, m in (("ours", model), ("hf", ref))}
         times = time_side_by_side({"ours": _step_fn(model, opts["ours"], batch),
                                    "hf": _step_fn(ref, opts["hf"], batch)}, cfg.repeats, warmup=1)
+        prof = {n: step_breakdown(f) for n, f in (("ours", _step_fn(model, opts["ours"], batch)),
+                                                  ("hf", _step_fn(ref, opts["hf"], batch)))} if cfg.profile else {}
         visual, prompt, target = batch_tokens(model.cfg, batch)
         tokens = visual + prompt + target
         t_ours, t_hf = median(times["ours"]), median(times["hf"])
@@ -80,6 +85,6 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
                      # the same against the peak of the threads actually used (the trainer divides by all cores)
                      "mfu_of_used_threads": flops * eps / (PEAK_FLOPS["cpu_core"] * torch.get_num_threads()),
                      "hf_attn_implementation": ref.t5.config._attn_implementation,
-                     "times_ours": times["ours"], "times_hf": times["hf"]})
+                     "times_ours": times["ours"], "times_hf": times["hf"], "profile": prof})
     return rows
 

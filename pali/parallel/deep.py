@@ -105,7 +105,8 @@ class DeepEncoderStage(nn.Module):
             x = enc.blocks[i](x, bias.to(x.dtype))
         if self.last:
             return enc.dropout(enc.final_norm(x)).to(self.act_dtype), mask, dec_in
-        return x.to(self.act_dtype).view_as(x), bias.view_as(bias), mask, dec_in
+        # p2p sends need contiguous tensors; view_as keeps a pass-through from being its own input
+        return x.to(self.act_dtype).contiguous(), bias.contiguous().view_as(bias), mask, dec_in
 
 
 class DeepDecoderStage(nn.Module):
@@ -132,7 +133,8 @@ class DeepDecoderStage(nn.Module):
             x = dec.blocks[i](x, self_bias.to(x.dtype), enc, cross_bias)
         if self.last:
             return self.model.text.logits(dec.dropout(dec.final_norm(x))).to(self.act_dtype)
-        return x.to(self.act_dtype).view_as(x), enc.view_as(enc), self_bias.view_as(self_bias), enc_mask
+        return (x.to(self.act_dtype).contiguous(), enc.contiguous().view_as(enc),
+                self_bias.contiguous().view_as(self_bias), enc_mask)
 
 
 def io_meta(cfg: PaLIConfig, pp: int, pp_rank: int, tp: int, mb: int, prompt_len: int, target_len: int,

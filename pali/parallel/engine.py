@@ -356,7 +356,8 @@ def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Ten
     device = torch.device(device)
     model, specs = build_stage_model(cfg, grid.pp, grid.tp, grid.pp_rank, grid.tp_rank)
     if full_state is None:
-        full_state = create_model(cfg, seed=seed).state_dict()
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays as it was
+            full_state = create_model(cfg, seed=seed).state_dict()
     shards = slice_for(full_state, specs)
     meta = model.state_dict()
     shards = {k: v.to(device=device, dtype=meta[k].dtype) for k, v in shards.items()}

@@ -104,18 +104,19 @@ def tp_bytes(cfg: PaLIConfig, stage: Stage, geo: Geometry, tp: int, mb: int, e: 
     return ring_allreduce(total, tp)
 
 
-def boundary_bytes(cfg: PaLIConfig, stages: list[Stage], i: int, geo: Geometry, mb: int, e: int) -> float:
-    """Bytes stage i sends forward to stage i+1 per micro-batch (the backward sends the same float bytes)."""
-    v, t = cfg.vision, cfg.text
+def boundary_bytes(cfg: PaLIConfig, stages: list[Stage], i: int, geo: Geometry, mb: int, e: int,
+                   tp: int = 1) -> float:
+    """Float bytes stage i sends to stage i+1 per micro-batch (the backward sends their gradients back),
+    plus the integer masks and ids, as `pali.parallel.deep.io_meta` declares them."""
+    t = cfg.text
     s, tt = geo.enc_len(cfg), geo.target_len
     if i >= len(stages) - 1:
         return 0.0
-    nxt = stages[i + 1]
-    ids = 8 * mb * (s + tt)  # encoder mask and decoder ids travel too
-    if nxt.first_unit == "dec":
-        if stages[i].dec_blocks:  # inside the decoder: hidden states + the encoder states
-            return e * mb * tt * t.d_model + e * mb * s * t.d_model + ids
-        return e * mb * s * t.d_model + ids  # encoder output (the implemented cut)
-    if stages[i].vit_blocks and "vision_head" not in stages[i].parts:  # a cut inside the vision tower
-        return F32 * mb * v.num_tokens * v.width + ids
-    return F32 * mb * s * t.d_model + ids
+    ids = 8 * mb * (s + tt)  # encoder mask and decoder ids
+    if stages[i + 1].first_unit == "dec" and stages[i].first_unit != "dec":  # encoder side -> decoder side
+        return e * mb * s * t.d_model + ids
+    if stages[i].first_unit != "dec":  # inside the encoder: hidden states + the fp32 position bias
+        return e * mb * s * t.d_model + F32 * mb * t.num_heads * s * s / tp + ids
+    # inside the decoder: hidden states, encoder states, causal self bias [1, H, T, T], mask
+    return e * mb * (tt + s) * t.d_model + F32 * t.num_heads * tt * tt / tp + 8 * mb * s
+

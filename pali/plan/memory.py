@@ -16,7 +16,8 @@ because T5's RMSNorm and ViT's LayerNorm compute in fp32; TP divides heads H, in
         T * (6*4D + (c_attn + 1 + c_ff)*e*D + 6*e*I/tp + 4*e*F/tp + 3*4) + 2*e*S*I/tp [cross k, v]
         + attn(T, T) + cross(T, S)
     ViT block over P patches (only when the tower is trained):
-        P * (4*4D + 2*e*D + 4*e*D/tp + 2*e*F/tp + 4*4) + attn(P, P)
+        P * (2*4D [both LayerNorm inputs] + c*e*D [their outputs; c = 2 fp32, 4 autocast]
+             + 4*e*D/tp [q, k, v, attention output] + 2*e*F/tp [fc1 output, GELU] + 4*4) + attn(P, P)
     attn(Q, K): fused kernels (flash / memory-efficient) keep the log-sum-exp, 4*H/tp*Q; torch's math
         path (CPU SDPA when the additive mask needs a gradient: T5 self-attention with its learned
         relative bias) keeps the probabilities, e*H/tp*Q*K.
@@ -66,37 +67,34 @@ def _split_even(n: int, k: int) -> list[int]:
 
 
 def cut_stages(cfg: PaLIConfig, pp: int) -> list[Stage]:
-    """The stages of a pp-way pipeline. pp=1 and pp=2 are the cuts `pali.parallel.stages` implements
-    (everything | vision+encoder | decoder+head); larger pp splits the vision+encoder blocks over pp//2
-    stages and the decoder blocks over the rest, evenly by block count (a modelled cut)."""
+    """The stages of a pp-way pipeline as `pali.parallel.stages` / `pali.parallel.deep` cut it.
+
+    pp=1 holds everything. Otherwise ceil(pp/2) encoder-side stages (stage 0 also holds the whole
+    vision tower, the projector and the token embedding) then floor(pp/2) decoder-side stages (the
+    first holds the token embedding again, the last the head); each side's blocks are spread as
+    `torch.tensor_split` spreads them (the first stages get one more).
+    """
     v, t = cfg.vision, cfg.text
-    if pp < 1:
+    if not isinstance(pp, int) or pp < 1:
         raise ValueError(f"pp={pp}; expected a positive integer")
     if pp == 1:
         return [Stage(v.depth, t.num_layers, t.num_decoder_layers,
                       {"vision_embed", "vision_head", "enc_embed", "enc_head", "dec_embed", "dec_head",
                        "enc_bias0", "dec_bias0"})]
-    n_front, n_back = pp // 2, pp - pp // 2
-    if n_back > t.num_decoder_layers or n_front > v.depth + t.num_layers:
-        raise ValueError(f"pp={pp} needs more blocks than the model has ({v.depth}+{t.num_layers} "
-                         f"vision+encoder, {t.num_decoder_layers} decoder)")
+    n_front = (pp + 1) // 2
+    n_back = pp - n_front
+    if n_front > t.num_layers or n_back > t.num_decoder_layers:
+        raise ValueError(f"pp={pp} needs {n_front} encoder and {n_back} decoder blocks at least; the model has "
+                         f"{t.num_layers} and {t.num_decoder_layers}")
     stages: list[Stage] = []
-    front = _split_even(v.depth + t.num_layers, n_front)
-    done = 0
-    for i, n in enumerate(front):
-        vit = max(0, min(v.depth, done + n) - done)
-        enc = n - vit
-        st = Stage(vit, enc, 0, set(), "vit" if vit else "enc")
+    for i, n in enumerate(_split_even(t.num_layers, n_front)):
+        st = Stage(0, n, 0, set(), "enc")
         if i == 0:
-            st.parts |= {"vision_embed"}
-        if done < v.depth <= done + n:
-            st.parts |= {"vision_head", "enc_embed"}
-        if enc and done + vit == v.depth:  # holds encoder block 0
-            st.parts.add("enc_bias0")
+            st.vit_blocks, st.first_unit = v.depth, "vit"
+            st.parts |= {"vision_embed", "vision_head", "enc_embed", "enc_bias0"}
         if i == n_front - 1:
             st.parts.add("enc_head")
         stages.append(st)
-        done += n
     for i, n in enumerate(_split_even(t.num_decoder_layers, n_back)):
         st = Stage(0, 0, n, set(), "dec")
         if i == 0:
@@ -272,11 +270,13 @@ def stage_activations(cfg: PaLIConfig, stage: Stage, tp: int, geo: Geometry, am:
     h = t.num_heads / tp
     shared = 0.0  # per micro-batch, not per example
     if stage.enc_blocks:
-        shared += 8 * s * s  # int64 bucket indices of the relative position bias
+        if "enc_bias0" in stage.parts:  # deeper stages receive the bias instead of computing it
+            shared += 8 * s * s  # int64 bucket indices of the relative position bias
         if checkpointing:
             kept += F32 * h * s * s  # the position bias + padding mask [B, H, S, S], input of every block
     if stage.dec_blocks:
-        shared += 8 * tt * tt  # bucket indices
+        if "dec_bias0" in stage.parts:
+            shared += 8 * tt * tt  # bucket indices
         kept += F32 * s  # cross-attention padding mask
         kept += F32 * s * t.d_model if not am.autocast or checkpointing else 0.0  # encoder states
         if checkpointing:

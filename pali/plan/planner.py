@@ -4,8 +4,9 @@ Per-GPU memory of pipeline stage s (bytes):
     state       = params + grads + optimizer           (sharded over DP as the DP mode says)
     activations = kept(micro-batch) * in_flight(s)     (1F1B: min(pp - s, m); GPipe: m; no PP: 1)
     buffers     = pipeline send buffers held for backward (+ one gradient buffer)
-    transient   = recomputed block (checkpointing) + logits + DDP buckets + FSDP unsharded units
-                  + autocast's bf16 weight copies + a fixed runtime overhead (CUDA context, NCCL)
+    transient   = recomputed block (checkpointing) + logits + DDP buckets + FSDP unsharded units (and
+                  the unsharded gradients FSDP2 accumulates over micro-batches) + autocast's bf16
+                  weight copies + a fixed runtime overhead (CUDA context, NCCL)
 A layout fits when the sum stays under (1 - headroom) of the GPU's memory.
 
 Step time = (m + pp - 1) * max_s t_s + t_TP + exposed t_DP, where t_s is stage s's executed FLOPs of one
@@ -124,7 +125,7 @@ def rank_memory(cfg: PaLIConfig, tp: int, pp: int, dp: int, stage_index: int, ge
     mem.activations_no_ckpt = kept[False][0] * in_flight
     mem.activations_ckpt = kept[True][0] * in_flight
     mem.activations = mem.activations_ckpt if checkpointing else mem.activations_no_ckpt
-    out = boundary_bytes(cfg, stages, stage_index, geo, micro_batch, pr.act)
+    out = boundary_bytes(cfg, stages, stage_index, geo, micro_batch, pr.act, tp)
     mem.pipeline_buffers = out * in_flight + out  # outputs kept for backward + their gradient
     t = cfg.text
     transient = kept[True][1] if checkpointing else 0.0
@@ -133,7 +134,11 @@ def rank_memory(cfg: PaLIConfig, tp: int, pp: int, dp: int, stage_index: int, ge
     if dp > 1 and dp_mode in ("ddp", "zero1"):
         transient += pc.trainable * pr.grad  # DDP's gradient buckets (a second copy of the gradients)
     if dp > 1 and dp_mode == "fsdp":
-        transient += _fsdp_unsharded(cfg, st, tp) * (pr.param + pr.grad) * (dp - 1) / dp
+        unsharded = _fsdp_unsharded(cfg, st, tp)
+        transient += unsharded * pr.param * (dp - 1) / dp
+        # FSDP2 without gradient sync (every micro-batch but the last) accumulates *unsharded* gradients
+        accumulated = pc.trainable if num_microbatches > 1 else min(unsharded, pc.trainable)
+        transient += accumulated * pr.grad * (dp - 1) / dp
     if precision == "amp":
         # autocast caches a bf16 copy of every trained fp32 weight for the whole step, and autograd saves it
         # for backward; FSDP2 frees the gathered fp32 weight, not this copy, so it is counted unsharded.
@@ -248,13 +253,12 @@ def tp_candidates(cfg: PaLIConfig, gpus_per_node: int) -> list[int]:
     return [d for d in _divisors(gpus_per_node) if all(x % d == 0 for x in sizes)]
 
 
-def pp_candidates(cfg: PaLIConfig, world: int) -> list[int]:
-    """Pipeline degrees the model can be cut into (1, 2, 4, ... up to the decoder depth x 2)."""
-    out, p = [], 1
-    while p <= world and p // 2 <= min(cfg.text.num_decoder_layers, cfg.vision.depth + cfg.text.num_layers):
-        out.append(p)
-        p *= 2
-    return out
+def pp_candidates(cfg: PaLIConfig, world: int, max_pp: int = 16) -> list[int]:
+    """Pipeline degrees the model can be cut into: ceil(pp/2) encoder-side stages need as many encoder
+    blocks, floor(pp/2) decoder-side stages as many decoder blocks."""
+    t = cfg.text
+    return [p for p in range(1, min(world, max_pp) + 1)
+            if (p + 1) // 2 <= t.num_layers and p // 2 <= t.num_decoder_layers]
 
 
 def evaluate(req: PlanRequest, tp: int, pp: int, dp_mode: str, checkpointing: bool,
@@ -279,12 +283,12 @@ def evaluate(req: PlanRequest, tp: int, pp: int, dp_mode: str, checkpointing: bo
     imbalance = max(t_stage) / (sum(t_stage) / pp)
     # communication per GPU per step (worst stage)
     tp_b = max(tp_bytes(cfg, st, geo, tp, micro_batch, pr.act, checkpointing) for st in stages) * m
-    pp_b = max(boundary_bytes(cfg, stages, i, geo, micro_batch, pr.act) for i in range(pp)) * 2 * m if pp > 1 else 0.0
+    pp_b = max(boundary_bytes(cfg, stages, i, geo, micro_batch, pr.act, tp) for i in range(pp)) * 2 * m if pp > 1 else 0.0
     dp_b = 0.0
     for st in stages:
         pc = stage_params(cfg, st, tp)
-        if dp_mode == "fsdp":
-            b = ring_gather(pc.total * pr.param, dp) * 2 + ring_gather(pc.trainable * pr.grad, dp)
+        if dp_mode == "fsdp":  # all-gather before every micro-batch's forward and backward, one reduce-scatter
+            b = ring_gather(pc.total * pr.param, dp) * 2 * m + ring_gather(pc.trainable * pr.grad, dp)
         else:
             b = ring_allreduce(pc.trainable * pr.grad, dp)
         dp_b = max(dp_b, b)
@@ -301,7 +305,7 @@ def evaluate(req: PlanRequest, tp: int, pp: int, dp_mode: str, checkpointing: bo
     runnable = True
     if pp not in runnable_pp():
         runnable = False
-        notes.append(f"pp={pp}: no stage cut in pali.parallel (modelled: vision+encoder over pp/2 stages)")
+        notes.append(f"pp={pp}: pali.parallel cuts at most pp={max(runnable_pp())} (modelled with the same scheme)")
     if dp_mode not in RUNNABLE_DP_MODES:
         runnable = False
         notes.append("zero1: modelled only (pali.parallel offers ddp and fsdp)")

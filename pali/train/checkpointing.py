@@ -41,6 +41,9 @@ def save_shard(out_dir: str | os.PathLike, rank: int, layout: dict, specs: dict,
             if name is None:
                 continue
             for key, val in st.items():
+                # FSDP2 shards state over DP: gather it (a collective; every rank iterates in the same order).
+                if hasattr(val, "full_tensor"):
+                    val = val.full_tensor()
                 if torch.is_tensor(val) and val.dim() > 0:
                     tensors[f"optim/{name}/{key}"] = val.detach().cpu().contiguous()
                 else:
@@ -147,7 +150,13 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, named_params: list[tuple
             continue
         state: dict[str, Any] = {}
         for key, full in full_optim.get(name, {}).items():
-            state[key] = slice_for({name: full}, {name: specs[name]})[name].to(p.device, p.dtype).clone()
+            local = slice_for({name: full}, {name: specs[name]})[name].to(p.dtype)
+            if hasattr(p, "device_mesh"):  # FSDP2 parameter: shard the state the same way over DP
+                from torch.distributed.tensor import distribute_tensor
+
+                state[key] = distribute_tensor(local.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+            else:
+                state[key] = local.to(p.device).clone()
             n += 1
         for key, val in scalars.get(name, {}).items():
             state[key] = torch.tensor(val, dtype=torch.float32)

@@ -46,7 +46,11 @@ def test_grid_validates_degrees_by_name(world1):
 def test_microbatches_and_state_in_one_process(world1, tiny_config):
     """Gradient accumulation over 3 uneven micro-batches equals one pass over the batch."""
     grid = Grid.init()
+    torch.manual_seed(1234)
+    before = torch.rand(3)
+    torch.manual_seed(1234)
     engine = build_engine(tiny_config, grid, seed=0, num_microbatches=3)
+    assert torch.equal(torch.rand(3), before), "build_engine must not reseed the caller's RNG"
     batch = global_batch(tiny_config)
     res = engine.train_step(batch)
     ref = create_model(tiny_config, seed=0)

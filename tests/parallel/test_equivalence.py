@@ -35,6 +35,7 @@ WORLD2 = [
 ]
 WORLD4 = [
     Layout("tp2xpp2_mb2", pp=2, tp=2, microbatches=2, full_state=True),
+    Layout("pp4_1f1b_mb4", pp=4, microbatches=4, full_state=True),
     Layout("dp2xtp2", dp=2, tp=2, adam=True, full_state=True),
     Layout("dp2xpp2_frozen", dp=2, pp=2, microbatches=2, schedule="gpipe", freeze_vision=True),
     Layout("dp2xtp2_fsdp", dp=2, tp=2, dp_mode="fsdp", full_state=True),
@@ -140,8 +141,8 @@ def test_pipeline_steps_repeat_and_change_shape(results, name):
         assert meta["repeat_same_grads"]
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2_1f1b_mb2", "dp2", "dp2_fsdp_mb2", "tp2xpp2_mb2", "dp2xtp2",
-                                  "dp2xtp2_fsdp"])
+@pytest.mark.parametrize("name", ["tp2", "pp2_1f1b_mb2", "dp2", "dp2_fsdp_mb2", "tp2xpp2_mb2", "pp4_1f1b_mb4",
+                                  "dp2xtp2", "dp2xtp2_fsdp"])
 def test_global_grad_norm_and_clipping(results, reference, name):
     for meta, _, _ in _load(results, name):
         assert meta["norm"] == pytest.approx(reference["norm"], rel=1e-5)
@@ -176,7 +177,7 @@ def test_resharding_tp2xdp2_to_tp1_and_back_is_exact(results):
     assert set(back) == set(full1) and all(torch.equal(back[n], full1[n]) for n in full1)
 
 
-@pytest.mark.parametrize("name", ["tp2xpp2_mb2", "dp2xtp2", "dp2xtp2_fsdp"])
+@pytest.mark.parametrize("name", ["tp2xpp2_mb2", "pp4_1f1b_mb4", "dp2xtp2", "dp2xtp2_fsdp"])
 def test_full_state_dict_gathers_on_rank0(results, reference, name):
     ranks = _load(results, name)
     full = {k[5:]: v for k, v in ranks[0][2].items() if k.startswith("full/")}

@@ -69,8 +69,22 @@ def test_tied_head_and_unsupported_pipeline_degree_are_refused(tiny_config):
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         layout_specs(tiny_config.with_overrides(text__tie_word_embeddings=True), tp=2)
     assert "text.shared.weight" in layout_specs(tiny_config.with_overrides(text__tie_word_embeddings=True))
-    with pytest.raises(ValueError, match="pp=3"):
-        layout_specs(tiny_config, pp=3)
+    with pytest.raises(ValueError, match="pp=5 puts 3 stages on the encoder but it has only 2 blocks"):
+        layout_specs(tiny_config, pp=5)  # tiny has 2 encoder and 2 decoder blocks
+    with pytest.raises(ValueError, match="pp=9 has no stage cut"):
+        layout_specs(tiny_config, pp=9)
+
+
+@pytest.mark.parametrize("pp", [3, 4])
+def test_deep_pipelines_spread_blocks_and_keep_names(tiny_config, pp):
+    stages = [layout_specs(tiny_config, pp=pp, pp_rank=s) for s in range(pp)]
+    full = set(create_model(tiny_config, device="meta").state_dict())
+    assert set().union(*stages) == full
+    owners = {n: [s for s, specs in enumerate(stages) if n in specs] for n in full}
+    assert owners["text.shared.weight"] == [0, (pp + 1) // 2]  # the two embedding holders
+    assert all(len(o) == 1 for n, o in owners.items() if n != "text.shared.weight")
+    assert owners["text.encoder.blocks.1.mlp.wo.weight"] == [1]
+    assert owners["text.lm_head.weight"] == [pp - 1] and owners["vision_tower.pos_embed"] == [0]
 
 
 def test_plan_must_match_and_model_must_be_meta(tiny_config):

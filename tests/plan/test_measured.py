@@ -4,7 +4,8 @@ Each rank of each layout trains two steps with `pali.parallel.build_engine` and 
 the bytes of its parameters, gradients and optimizer state, and the peak of the tensors autograd saves
 for backward (`pali.plan.measure`). The planner (`rank_memory`, fp32, CPU attention kernels) must
 predict every rank's state + activations within 15 %, and each part separately. Layouts cover TP 1/2,
-PP 1/2 (1F1B), DDP and FSDP2 (sharded optimizer), with and without activation checkpointing, on 2 ranks.
+PP 1/2 (1F1B), DDP and FSDP2 (sharded optimizer), with and without activation checkpointing, on 2 ranks,
+and a 4-stage pipeline (`pali.parallel.deep`) on 4 ranks.
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ from pali.plan.planner import rank_memory
 from tests.parallel.harness import spawn
 from tests.plan.workers import measure_layouts
 
-WORLD = 2
 B, PROMPT, TARGET = 4, 12, 10  # global batch; prompt and target tokens per example
 
 LAYOUTS = [
-    # name, tp, pp, dp, dp_mode, micro-batches, activation checkpointing
+    # name, tp, pp, dp, dp_mode, micro-batches, activation checkpointing  (2 ranks)
     ("dp2_ddp", 1, 1, 2, "ddp", 1, False),
     ("dp2_fsdp_ckpt", 1, 1, 2, "fsdp", 2, True),
     ("tp2", 2, 1, 1, "ddp", 1, False),
     ("tp2_ckpt", 2, 1, 1, "ddp", 2, True),
     ("pp2_1f1b", 1, 2, 1, "ddp", 2, False),
     ("pp2_1f1b_ckpt", 1, 2, 1, "ddp", 4, True),
+]
+DEEP_LAYOUTS = [  # 4 ranks: a deep pipeline (pali.parallel.deep), 2 encoder-side + 2 decoder-side stages
+    ("pp4_1f1b", 1, 4, 1, "ddp", 4, False),
+    ("pp4_1f1b_ckpt", 1, 4, 1, "ddp", 4, True),
 ]
 
 
@@ -41,35 +45,45 @@ def model_config():
         text__vocab_size=4096, text__num_layers=3, text__num_decoder_layers=2)
 
 
-@pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    """{(layout name, rank): measured bytes} from one spawn of WORLD gloo ranks running every layout."""
-    cfg = model_config()
+def _measure(tmp_path_factory, layouts: list[tuple], world: int) -> dict:
+    """{(layout name, rank): measured bytes} from one spawn of `world` gloo ranks running every layout."""
     out = tmp_path_factory.mktemp("measured")
-    layouts = [dict(name=n, tp=tp, pp=pp, dp=dp, dp_mode=mode, microbatches=m, checkpointing=ck)
-               for n, tp, pp, dp, mode, m, ck in LAYOUTS]
+    specs = [dict(name=n, tp=tp, pp=pp, dp=dp, dp_mode=mode, microbatches=m, checkpointing=ck)
+             for n, tp, pp, dp, mode, m, ck in layouts]
     t0 = time.time()
-    spawn(measure_layouts, WORLD, cfg.to_json(), layouts, {"b": B, "s": PROMPT, "t": TARGET}, str(out))
-    print(f"measured {len(LAYOUTS)} layouts on {WORLD} ranks in {time.time() - t0:.1f}s")
+    spawn(measure_layouts, world, model_config().to_json(), specs, {"b": B, "s": PROMPT, "t": TARGET}, str(out))
+    print(f"measured {len(layouts)} layouts on {world} ranks in {time.time() - t0:.1f}s")
     rows = {}
-    for r in range(WORLD):
+    for r in range(world):
         for row in json.loads((out / f"rank{r}.json").read_text()):
             rows[(row["name"], r)] = row
-    return cfg, rows
+    return rows
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """Rows of the 2-rank layouts."""
+    return _measure(tmp_path_factory, LAYOUTS, 2)
+
+
+@pytest.fixture(scope="module")
+def measured_deep(tmp_path_factory):
+    """Rows of the 4-rank deep-pipeline layouts."""
+    return _measure(tmp_path_factory, DEEP_LAYOUTS, 4)
 
 
 def predicted(cfg, name: str, pp_rank: int):
-    _, tp, pp, dp, mode, m, ck = next(lay for lay in LAYOUTS if lay[0] == name)
+    _, tp, pp, dp, mode, m, ck = next(lay for lay in LAYOUTS + DEEP_LAYOUTS if lay[0] == name)
     mb = B // dp // m
     return rank_memory(cfg, tp, pp, dp, pp_rank, Geometry(PROMPT, TARGET), mb, m, dp_mode=mode,
                        checkpointing=ck, precision="fp32", fused_attention=False)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [lay[0] for lay in LAYOUTS])
-def test_planner_matches_measured_memory_per_rank(measured, name):
-    cfg, rows = measured
-    for rank in range(WORLD):
+def _check(rows: dict, name: str) -> None:
+    cfg = model_config()
+    ranks = sorted(r for n, r in rows if n == name)
+    assert ranks, f"no measurement for {name}"
+    for rank in ranks:
         got = rows[(name, rank)]
         want = predicted(cfg, name, got["pp_rank"])
         measured_total = got["params"] + got["grads"] + got["optimizer"] + got["activations"]
@@ -83,13 +97,25 @@ def test_planner_matches_measured_memory_per_rank(measured, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", [lay[0] for lay in LAYOUTS])
+def test_planner_matches_measured_memory_per_rank(measured, name):
+    _check(measured, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [lay[0] for lay in DEEP_LAYOUTS])
+def test_planner_matches_measured_memory_of_a_deep_pipeline(measured_deep, name):
+    _check(measured_deep, name)
+
+
+@pytest.mark.slow
 def test_checkpointing_and_sharding_change_what_the_planner_says(measured):
     """The measured effects the planner predicts actually happen: checkpointing cuts saved activations,
     FSDP cuts state bytes by about dp, and 1F1B's first stage holds more micro-batches than the last."""
-    _, rows = measured
+    rows = measured
     assert rows[("dp2_fsdp_ckpt", 0)]["optimizer"] < rows[("dp2_ddp", 0)]["optimizer"] * 0.6
     for name in ("tp2", "pp2_1f1b"):
-        for rank in range(WORLD):
+        for rank in range(2):
             assert rows[(name + "_ckpt", rank)]["activations"] < rows[(name, rank)]["activations"] / 2
     assert rows[("pp2_1f1b", 0)]["activations"] > rows[("pp2_1f1b", 1)]["activations"]
     assert all(r["loss"] == pytest.approx(rows[("dp2_ddp", 0)]["loss"], rel=1e-3) for r in rows.values())

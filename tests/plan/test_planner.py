@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
 
 from jobs.plan import main
+from jobs.pretrain import parse_args as parse_pretrain_args
 from pali.checkpoint import create_model
 from pali.config import get_preset
 from pali.models.pali import flops_per_example
@@ -22,7 +24,7 @@ from pali.plan.measure import SavedActivationMeter
 @pytest.mark.parametrize("frozen", [True, False])
 def test_parameter_counts_equal_the_stage_models_pali_parallel_builds(preset, frozen):
     cfg = get_preset(preset).with_overrides(freeze_vision=frozen)
-    for pp in (1, 2):
+    for pp in (1, 2, 3, 4):
         for tp in (1, 2):
             for pp_rank, stage in enumerate(cut_stages(cfg, pp)):
                 model, _ = build_stage_model(cfg, pp, tp, pp_rank, tp_rank=tp - 1)
@@ -82,6 +84,11 @@ def test_plan_17b_on_64_h200s_recommends_a_fitting_runnable_layout(capsys):
     assert "ray job submit --working-dir . -- python -m jobs.pretrain --preset pali-17b" in out["command"]
     assert "--workers 64 " in out["command"] and "--use-gpu" in out["command"]
     assert any(not x["runnable"] for x in layouts)  # pp=4 / zero1 are modelled, marked as such
+    # the printed command is one jobs.pretrain accepts, with the recommended layout
+    cfg, _ = parse_pretrain_args(shlex.split(out["command"].split("python -m jobs.pretrain", 1)[1]))
+    assert (cfg.tp, cfg.pp, cfg.workers, cfg.dp_mode, cfg.activation_checkpointing, cfg.use_gpu) == (
+        best["tp"], best["pp"], 64, best["dp_mode"], best["checkpointing"], True)
+    assert cfg.microbatches(best["dp"]) == (4096 // best["dp"], best["num_microbatches"])
     for x in layouts:
         assert 64 % x["tp"] == 0 and 16 % x["tp"] == 0  # text and vision heads divide by tp
         m = x["memory"]

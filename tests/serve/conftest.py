@@ -42,7 +42,7 @@ def serve_url(ray_cluster, checkpoints):
                      "num_cpus": 0.5, "max_image_pixels": 512 * 512, "max_body_bytes": 256 * 1024})
     serve.run(app, name="pali", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/healthz")
+    wait_http(url + "/healthz", timeout=180)
     _SERVE["running"] = True
     yield url
     _shutdown_serve()

@@ -1,0 +1,124 @@
+"""Planner vs a real run on one device: predicted and measured step time and peak memory, and the gap.
+
+    python benchmarks/plan_vs_measured.py --preset base --gpu h200 --batch 32 --steps 5 --out plan_gap.json
+    python benchmarks/plan_vs_measured.py --preset tiny --device cpu --batch 4 --steps 2   # smoke run
+
+On CUDA it trains with bf16 autocast (as `jobs.pretrain --use-gpu`), takes the median step time and
+`torch.cuda.max_memory_allocated`, and compares them with `pali.plan` for a one-GPU layout (precision
+amp, fused attention, no runtime overhead since the allocator does not see the CUDA context). On CPU
+it compares only the exactly countable part (state + saved activations, fp32). The JSON records
+hardware, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from pali.config import get_preset  # noqa: E402
+from pali.plan import Geometry, PlanRequest, get_gpu, rank_memory  # noqa: E402
+from pali.plan.measure import SavedActivationMeter, state_bytes  # noqa: E402
+from pali.plan.planner import evaluate  # noqa: E402
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison and print / write the JSON record."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="base")
+    p.add_argument("--gpu", default="h200", help="planner GPU type for the prediction")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", default="32,32", help="PROMPT,TARGET")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--out", default=None, help="write the JSON record here")
+    a = p.parse_args(argv)
+    prompt, target = (int(x) for x in a.seq.split(","))
+    cfg = get_preset(a.preset)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    from pali.parallel import Grid, build_engine
+    from tests.parallel.harness import global_batch
+
+    store = os.path.join(tempfile.mkdtemp(), "store")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        grid = Grid.init()
+        engine = build_engine(cfg, grid, seed=0, device=device, autocast_dtype=torch.bfloat16 if cuda else None,
+                              activation_checkpointing=a.checkpointing)
+        opt = torch.optim.AdamW(engine.parameters(), lr=1e-5)
+        batch = global_batch(cfg, b=a.batch, s=prompt, t=target)
+        times, meter = [], SavedActivationMeter()
+        for i in range(a.steps + 1):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with meter if i == a.steps else _null():
+                engine.train_step(batch)
+            opt.step()
+            engine.zero_grad()
+            if cuda:
+                torch.cuda.synchronize()
+            if i:  # step 0 warms up (allocator, kernels, optimizer state)
+                times.append(time.perf_counter() - t0)
+        engine.train_step(batch)  # leave gradients in place to count them
+        st = state_bytes(engine.model, opt)
+    finally:
+        dist.destroy_process_group()
+    geo = Geometry(prompt, target)
+    rec = {"preset": a.preset, "device": torch.cuda.get_device_name() if cuda else "cpu", "batch": a.batch,
+           "seq": [prompt, target], "checkpointing": a.checkpointing, "commit": _commit(),
+           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "measured_step_s": statistics.median(times), "measured_state_bytes": st.total,
+           "measured_saved_activation_bytes": meter.peak}
+    if cuda:
+        req = PlanRequest(cfg, get_gpu(a.gpu), 1, 1, a.batch, geo, a.mfu, overhead_gb=0.0)
+        lp = evaluate(req, 1, 1, "ddp", a.checkpointing, a.batch)
+        rec.update(predicted_step_s=lp.step_time_s, step_time_gap=rec["measured_step_s"] / lp.step_time_s - 1,
+                   implied_mfu=a.mfu * lp.step_time_s / rec["measured_step_s"],
+                   measured_peak_bytes=torch.cuda.max_memory_allocated(), predicted_peak_bytes=lp.memory["total"] * 1e9)
+        rec["memory_gap"] = rec["measured_peak_bytes"] / rec["predicted_peak_bytes"] - 1
+    else:
+        mem = rank_memory(cfg, 1, 1, 1, 0, geo, a.batch, 1, checkpointing=a.checkpointing, precision="fp32",
+                          fused_attention=False)
+        rec.update(predicted_state_bytes=mem.state, predicted_saved_activation_bytes=mem.activations,
+                   memory_gap=(st.total + meter.peak) / (mem.state + mem.activations) - 1)
+    text = json.dumps(rec, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return rec
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+if __name__ == "__main__":
+    main()
