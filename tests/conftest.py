@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Generous start-up limits: a loaded 2-core machine can take long to register a raylet or its agent.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
 
 
 @pytest.fixture(scope="session")

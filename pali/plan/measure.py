@@ -69,6 +69,24 @@ def state_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None
                       optimizer=tensors_bytes(opt_tensors))
 
 
+def fsdp_unsharded_grad_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the unsharded gradients FSDP2 holds right now (what it accumulates while gradient sync is
+    off, i.e. between the micro-batches of a step). Reads FSDP2's per-parameter state (private API of
+    torch.distributed.fsdp); 0 for a module without FSDP2."""
+    grads: list[torch.Tensor] = []
+    for mod in module.modules():
+        get_state = getattr(mod, "_get_fsdp_state", None)
+        group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
+        for fp in getattr(group, "fsdp_params", None) or []:
+            unsharded = getattr(fp, "_unsharded_param", None)
+            if unsharded is not None and unsharded.grad is not None:
+                grads.append(unsharded.grad)
+            acc = getattr(fp, "_unsharded_accumulated_grad", None)
+            if acc is not None:
+                grads.append(acc)
+    return tensors_bytes(grads)
+
+
 class _Held:
     """What autograd stores instead of the tensor; its death releases the count."""
 

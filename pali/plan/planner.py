@@ -85,6 +85,9 @@ class RankMemory:
     """Stage outputs kept for backward and gradient receive buffers."""
     transient: float = 0.0
     """Recomputed block, logits, DDP buckets, FSDP unsharded units, autocast weight cache, runtime."""
+    fsdp_unsharded_grads: float = 0.0
+    """Unsharded gradients FSDP2 accumulates between micro-batches (its excess over the shard is in
+    `transient`)."""
     stage: int = 0
     """Pipeline stage this peak belongs to."""
 
@@ -138,6 +141,7 @@ def rank_memory(cfg: PaLIConfig, tp: int, pp: int, dp: int, stage_index: int, ge
         transient += unsharded * pr.param * (dp - 1) / dp
         # FSDP2 without gradient sync (every micro-batch but the last) accumulates *unsharded* gradients
         accumulated = pc.trainable if num_microbatches > 1 else min(unsharded, pc.trainable)
+        mem.fsdp_unsharded_grads = accumulated * pr.grad if num_microbatches > 1 else 0.0
         transient += accumulated * pr.grad * (dp - 1) / dp
     if precision == "amp":
         # autocast caches a bf16 copy of every trained fp32 weight for the whole step, and autograd saves it
@@ -283,7 +287,7 @@ def evaluate(req: PlanRequest, tp: int, pp: int, dp_mode: str, checkpointing: bo
     imbalance = max(t_stage) / (sum(t_stage) / pp)
     # communication per GPU per step (worst stage)
     tp_b = max(tp_bytes(cfg, st, geo, tp, micro_batch, pr.act, checkpointing) for st in stages) * m
-    pp_b = max(boundary_bytes(cfg, stages, i, geo, micro_batch, pr.act, tp) for i in range(pp)) * 2 * m if pp > 1 else 0.0
+    pp_b = 2 * m * max(boundary_bytes(cfg, stages, i, geo, micro_batch, pr.act, tp) for i in range(pp))
     dp_b = 0.0
     for st in stages:
         pc = stage_params(cfg, st, tp)

@@ -16,7 +16,7 @@ from pali.bench.report import check_targets, to_markdown
 def test_smallest_configuration_end_to_end(tmp_path):
     """train + decode on the tiny preset, 1 repeat: equal losses, identical tokens, a complete report."""
     assert main(["--suite", "train,decode", "--preset", "tiny", "--repeats", "1", "--batch-size", "4",
-                 "--out", str(tmp_path)]) == 0
+                 "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     env = res["environment"]
     for key in ("cpu", "cores", "torch", "ray", "transformers", "commit", "date"):

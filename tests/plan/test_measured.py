@@ -3,7 +3,8 @@
 Each rank of each layout trains two steps with `pali.parallel.build_engine` and AdamW; the worker counts
 the bytes of its parameters, gradients and optimizer state, and the peak of the tensors autograd saves
 for backward (`pali.plan.measure`). The planner (`rank_memory`, fp32, CPU attention kernels) must
-predict every rank's state + activations within 15 %, and each part separately. Layouts cover TP 1/2,
+predict every rank's state + activations within 15 %, and each part separately (plus the unsharded
+gradients FSDP2 accumulates between micro-batches). Layouts cover TP 1/2,
 PP 1/2 (1F1B), DDP and FSDP2 (sharded optimizer), with and without activation checkpointing, on 2 ranks,
 and a 4-stage pipeline (`pali.parallel.deep`) on 4 ranks.
 """
@@ -94,6 +95,8 @@ def _check(rows: dict, name: str) -> None:
         assert predicted_total == pytest.approx(measured_total, rel=0.15), msg
         for part in ("params", "grads", "optimizer", "activations"):
             assert getattr(want, part) == pytest.approx(got[part], rel=0.15), f"{part}: {msg}"
+        # FSDP2 accumulates unsharded gradients between micro-batches (0 when it does not)
+        assert want.fsdp_unsharded_grads == pytest.approx(got["fsdp_unsharded_grads"], rel=0.15), msg
 
 
 @pytest.mark.slow
@@ -114,6 +117,8 @@ def test_checkpointing_and_sharding_change_what_the_planner_says(measured):
     FSDP cuts state bytes by about dp, and 1F1B's first stage holds more micro-batches than the last."""
     rows = measured
     assert rows[("dp2_fsdp_ckpt", 0)]["optimizer"] < rows[("dp2_ddp", 0)]["optimizer"] * 0.6
+    # ...but between micro-batches FSDP2 holds unsharded gradients (about dp times its shard)
+    assert rows[("dp2_fsdp_ckpt", 0)]["fsdp_unsharded_grads"] > rows[("dp2_fsdp_ckpt", 0)]["grads"] * 1.5
     for name in ("tp2", "pp2_1f1b"):
         for rank in range(2):
             assert rows[(name + "_ckpt", rank)]["activations"] < rows[(name, rank)]["activations"] / 2

@@ -9,7 +9,7 @@ import time
 import torch
 
 from pali.config import PaLIConfig
-from pali.plan.measure import SavedActivationMeter, state_bytes
+from pali.plan.measure import SavedActivationMeter, fsdp_unsharded_grad_bytes, state_bytes
 from tests.parallel.harness import dp_share, global_batch
 
 
@@ -31,6 +31,7 @@ def measure_layouts(rank: int, world: int, cfg_json: str, layouts: list[dict], b
         opt.step()
         engine.zero_grad()
         meter = SavedActivationMeter()
+        accumulated = _watch_fsdp_grads(engine) if lay["dp_mode"] == "fsdp" else []
         with meter:
             res = engine.train_step(local)
         assert meter.live == 0, f"{meter.live} saved bytes still alive after backward"
@@ -39,8 +40,30 @@ def measure_layouts(rank: int, world: int, cfg_json: str, layouts: list[dict], b
         results.append({"name": lay["name"], "seconds": round(time.time() - t0, 2), "rank": rank,
                         "pp_rank": grid.pp_rank, "params": st.params,
                         "grads": st.grads, "optimizer": st.optimizer, "activations": meter.peak,
+                        "fsdp_unsharded_grads": max(accumulated, default=0),
                         "loss": res.loss})
         engine.zero_grad()
         del engine, opt
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+
+
+def _watch_fsdp_grads(engine) -> list[int]:
+    """Record FSDP2's unsharded gradient bytes each time the loss runs (after the previous micro-batch's
+    backward, while gradient sync is off)."""
+    seen: list[int] = []
+    loss_fn = engine.loss_fn
+
+    class Watched:
+        def __getattr__(self, name):
+            return getattr(loss_fn, name)
+
+        def __setattr__(self, name, value):
+            setattr(loss_fn, name, value)
+
+        def __call__(self, logits, labels):
+            seen.append(fsdp_unsharded_grad_bytes(engine.module))
+            return loss_fn(logits, labels)
+
+    engine.loss_fn = Watched()
+    return seen

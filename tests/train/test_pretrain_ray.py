@@ -60,14 +60,16 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, train_shards, t
 
 
 def test_checkpoint_reshards_from_tp2_dp2_to_tp1(ray_cluster, train_shards, tmp_path):
-    cfg = _cfg(train_shards, tmp_path / "run", steps=2, tp=2, workers=4, cpus_per_worker=0.5, name="reshard")
+    # FSDP2 over the DP group on both sides: its sharded optimizer state is gathered and re-sharded too.
+    cfg = _cfg(train_shards, tmp_path / "run", steps=2, tp=2, workers=4, cpus_per_worker=0.5, name="reshard",
+               dp_mode="fsdp")
     result, _, tok = fit(cfg)
     assert result.error is None
     first = latest_complete(run_dir(cfg))
     assert read_meta(first)["layout"] == {"dp": 2, "pp": 1, "tp": 2}
     consolidate(first, tmp_path / "tp2", tok)
     # Same run, now TP=1 on 2 workers, with lr 0: one more step must leave the weights exactly as loaded.
-    cfg2 = _cfg(train_shards, tmp_path / "run", steps=3, tp=1, workers=2, lr=0.0, name="reshard")
+    cfg2 = _cfg(train_shards, tmp_path / "run", steps=3, tp=1, workers=2, lr=0.0, name="reshard", dp_mode="fsdp")
     result2, _, _ = fit(cfg2)
     assert result2.error is None and result2.metrics["step"] == 3
     second = latest_complete(run_dir(cfg2))
