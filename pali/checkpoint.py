@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -28,45 +29,78 @@ def create_model(preset_or_config: str | PaLIConfig, device: str | torch.device 
                  dtype: torch.dtype | None = None, seed: int | None = None) -> PaLI:
     """A freshly initialised PaLI from a preset name ("tiny", "pali-3b", ...) or a `PaLIConfig`.
 
-    `device="meta"` builds the structure without memory (parameter counting, planning, sharded loads).
+    Every parameter is drawn from its own generator seeded from (seed, name) (see `init_tensor`), so the
+    weights do not depend on the device, the dtype or how the model is sharded. seed=None draws the base
+    seed from the global torch RNG. `device="meta"` builds the structure without memory (parameter
+    counting, planning, sharded loads).
     """
     cfg = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     if seed is not None:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # callers may rely on the global stream being seeded too
     with torch.device(device):
         model = PaLI(cfg)
     if str(device) != "meta":
-        init_weights(model)
+        init_weights(model, seed)
     if dtype is not None:
         model.to(dtype)
     return model
 
 
+def param_seed(seed: int, name: str) -> int:
+    """The generator seed of parameter `name` under base seed `seed`: seed in the high bits, crc32(name) low."""
+    return ((int(seed) << 32) | zlib.crc32(name.encode("utf-8"))) & (2 ** 63 - 1)
+
+
+def _fill_(p: torch.Tensor, cfg: PaLIConfig, name: str, seed: int) -> torch.Tensor:
+    """Initialise the full CPU tensor `p` of parameter `name` in place (T5 fan-in normal; ViT trunc-normal)."""
+    t = cfg.text
+    g = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
+    if name.endswith(("norm1.weight", "norm2.weight", "norm3.weight", "final_norm.weight")):
+        return p.fill_(1.0)
+    if name.endswith(".bias"):
+        return p.zero_()
+    if name.startswith("text."):
+        if name.endswith("shared.weight"):
+            return p.normal_(0.0, 1.0, generator=g)
+        if name.endswith("lm_head.weight") or "relative_attention_bias" in name:
+            return p.normal_(0.0, t.d_model ** -0.5, generator=g)
+        return p.normal_(0.0, p.shape[1] ** -0.5, generator=g)  # fan-in of nn.Linear weight (out, in)
+    if name == "projector.weight":
+        # The projector starts small so visual tokens do not swamp the text embeddings at step 0.
+        return p.normal_(0.0, cfg.vision.width ** -0.5, generator=g)
+    if "pos_embed" in name:
+        return p.normal_(0.0, 0.02, generator=g)
+    if p.dim() >= 2:
+        return torch.nn.init.trunc_normal_(p, std=0.02, generator=g)
+    raise ValueError(f"no initialisation rule for parameter {name!r} of shape {tuple(p.shape)}; "
+                     "add one to pali.checkpoint._fill_")
+
+
+def init_tensor(cfg: PaLIConfig, name: str, shape: tuple[int, ...] | torch.Size, seed: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The full initial value of one parameter of `create_model(cfg, seed=seed)`, generated alone.
+
+    name: as in `PaLI.state_dict()`; shape: its full (unsharded) shape. Values are drawn in float32 on
+    the CPU and cast to `dtype`, so `create_model(cfg, seed=seed).state_dict()[name]` equals this exactly.
+    """
+    full = _fill_(torch.empty(tuple(shape), dtype=torch.float32), cfg, name, seed)
+    return full if dtype == torch.float32 else full.to(dtype)
+
+
 @torch.no_grad()
-def init_weights(model: PaLI) -> None:
-    """T5-style initialisation (normal with fan-in scaling) for text; ViT: trunc-normal, zero biases."""
-    t = model.cfg.text
+def init_weights(model: PaLI, seed: int | None = None) -> None:
+    """T5-style init (normal with fan-in scaling) for text; ViT: trunc-normal, zero biases; norms at 1.
+
+    Each parameter comes from its own generator (see `init_tensor`); seed=None draws the base seed from
+    the global torch RNG.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
     for name, p in model.named_parameters():
-        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm3.weight") \
-                or name.endswith("final_norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.zero_()
-        elif name.startswith("text."):
-            if name.endswith("shared.weight"):
-                p.normal_(0.0, 1.0)
-            elif name.endswith("lm_head.weight"):
-                p.normal_(0.0, t.d_model ** -0.5)
-            elif "relative_attention_bias" in name:
-                p.normal_(0.0, t.d_model ** -0.5)
-            else:
-                p.normal_(0.0, p.shape[1] ** -0.5)  # fan-in of nn.Linear weight (out, in)
-        elif "pos_embed" in name:
-            p.normal_(0.0, 0.02)
-        elif p.dim() >= 2:
-            torch.nn.init.trunc_normal_(p, std=0.02)
-    # The projector starts small so visual tokens do not swamp the text embeddings at step 0.
-    torch.nn.init.normal_(model.projector.weight, std=model.cfg.vision.width ** -0.5)
+        if p.device.type == "cpu" and p.dtype == torch.float32:
+            _fill_(p, model.cfg, name, seed)
+        else:
+            p.copy_(init_tensor(model.cfg, name, p.shape, seed))
 
 
 def save_pretrained(model: PaLI, tokenizer, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:

@@ -3,7 +3,8 @@
 `build_engine` builds the model on the meta device, applies the TP plan, keeps this rank's pipeline
 stage, materialises only this rank's shard (sliced from a full state dict, or from the same seeded init
 as `create_model(cfg, seed=seed)`, so every layout starts from identical weights), and wraps the stage
-in DDP (or FSDP2) over the data-parallel group.
+in DDP (or FSDP2) over the data-parallel group. A rank holds at most one full tensor at a time while it
+materialises (`materialise_shards`), so a model larger than one process's memory is built shard by shard.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pali.checkpoint import create_model
+from pali.checkpoint import init_tensor
 from pali.config import PaLIConfig
 from pali.parallel.grid import Grid
 from pali.parallel.plan import ShardSpec, merge_shards, slice_for
@@ -338,14 +339,41 @@ def _checkpoint_blocks(model: nn.Module) -> None:
                 block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def materialise_shards(cfg: PaLIConfig, specs: Mapping[str, ShardSpec], full_state=None, seed: int = 0,
+                       device: torch.device | str = "cpu", like: Mapping[str, torch.Tensor] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """This rank's shard of every tensor in `specs`, one full tensor at a time (never the whole model).
+
+    full_state: None (each full tensor is `init_tensor(cfg, name, spec.shape, seed)`), or a mapping with
+    `keys()` and `__getitem__` read once per name (a dict, or a lazy reader such as `LazyShardedState`).
+    like: name -> tensor whose dtype each shard takes (the meta model's state_dict); float32 otherwise.
+    """
+    device = torch.device(device)
+    if full_state is not None:
+        have = set(full_state.keys())
+        missing = [n for n in specs if n not in have]
+        if missing:
+            raise KeyError(f"full state lacks {len(missing)} tensors the shard needs, e.g. {missing[:5]}")
+    shards: dict[str, torch.Tensor] = {}
+    for name, spec in specs.items():
+        full = init_tensor(cfg, name, spec.shape, seed) if full_state is None else full_state[name]
+        local = slice_for({name: full}, {name: spec})[name]  # a copy: the full tensor can go now
+        del full
+        dtype = like[name].dtype if like is not None else torch.float32
+        shards[name] = local.to(device=device, dtype=dtype)
+        del local
+    return shards
+
+
 def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Tensor] | None = None,
                  seed: int = 0, dp_mode: str = "ddp", schedule: str = "1f1b", num_microbatches: int = 1,
                  device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
                  activation_checkpointing: bool = False) -> Engine:
     """This rank's Engine: meta build -> TP plan -> stage cut -> materialise this shard -> DP wrapper.
 
-    full_state: `PaLI.state_dict()`-named full tensors to slice from (a checkpoint, an import); None means
-    the deterministic init of `create_model(cfg, seed=seed)`.
+    full_state: `PaLI.state_dict()`-named full tensors to slice from (a checkpoint, an import), a dict or
+    any lazy mapping with `keys()` and `__getitem__` (e.g. `LazyShardedState`); None means the
+    deterministic init of `create_model(cfg, seed=seed)`. Either way only one full tensor exists at a time.
     """
     if dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"dp_mode={dp_mode!r}; expected 'ddp' or 'fsdp'")
@@ -355,14 +383,8 @@ def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Ten
         raise ValueError(f"num_microbatches={num_microbatches!r}; expected a positive integer")
     device = torch.device(device)
     model, specs = build_stage_model(cfg, grid.pp, grid.tp, grid.pp_rank, grid.tp_rank)
-    if full_state is None:
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays as it was
-            full_state = create_model(cfg, seed=seed).state_dict()
-    shards = slice_for(full_state, specs)
-    meta = model.state_dict()
-    shards = {k: v.to(device=device, dtype=meta[k].dtype) for k, v in shards.items()}
-    model.load_state_dict(shards, strict=True, assign=True)
-    del full_state, shards
+    model.load_state_dict(materialise_shards(cfg, specs, full_state, seed, device, model.state_dict()),
+                          strict=True, assign=True)
     if cfg.freeze_vision and hasattr(model, "vision_tower"):
         model.vision_tower.requires_grad_(False)
     if activation_checkpointing:

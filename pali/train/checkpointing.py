@@ -6,17 +6,21 @@ A checkpoint directory holds, for every rank r of the world that wrote it,
 and, from rank 0, `meta.json` (step, data position, scheduler, configs) and `tokenizer.model`.
 Ray Train uploads each rank's files into one directory and registers it only after every rank has
 reported, so a half-written checkpoint never becomes the latest; `is_complete` checks the same on disk.
-Loading merges the shards to full tensors and slices them for the reader's own layout.
+Loading merges the shards to full tensors and slices them for the reader's own layout: all at once
+(`load_full`), or one tensor at a time on access (`LazyShardedState`, `load_optim_for`) so a resuming rank
+never holds the whole model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 META = "meta.json"
@@ -163,3 +167,107 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, named_params: list[tuple
         if state:
             optimizer.state[p] = state
     return n
+
+
+def _rank_file(d: Path, r: int) -> Path:
+    return d / f"rank-{r:05d}.safetensors"
+
+
+def _local_shape(spec) -> tuple[int, ...]:
+    shape = list(spec.shape)
+    if spec.dim is not None:
+        shape[spec.dim] //= spec.tp_size
+    return tuple(shape)
+
+
+class LazyShardedState(Mapping):
+    """A checkpoint's model as a read-on-access mapping: name -> full tensor (TP chunks merged).
+
+    Opening reads only the JSON files and the safetensors headers; `state[name]` reads just that tensor's
+    chunks (one per TP rank, replicas skipped) with `safe_open(...).get_tensor`, so `build_engine(cfg,
+    grid, LazyShardedState(d))` holds at most one full tensor at a time. Also exposes the checkpoint's
+    `meta`, writer `layout`, `optim_scalars`, `rng_state(rank)` and `optim_for(names)`.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike):
+        from pali.parallel.plan import ShardSpec
+
+        d = Path(ckpt_dir)
+        if not is_complete(d):
+            raise FileNotFoundError(f"checkpoint {d} is incomplete (missing {META} or a rank's shard files)")
+        self.dir = d
+        self.meta: dict = read_meta(d)
+        """The rank-0 metadata (step, data position, configs)."""
+        self.world = int(self.meta["world_size"])
+        self.layout: dict | None = None
+        """The writer's layout ({"dp", "pp", "tp", ...})."""
+        self.optim_scalars: dict[str, dict] = {}
+        """name -> {key: float}: scalar optimizer state (e.g. Adam's step)."""
+        # name -> {tp_rank: (writer rank, spec)}: the first rank holding each chunk (replicas skipped).
+        self._model: dict[str, dict[int, tuple[int, Any]]] = {}
+        # name -> key -> {tp_rank: (writer rank, spec)} for optimizer tensors shaped like the shard.
+        self._optim: dict[str, dict[str, dict[int, tuple[int, Any]]]] = {}
+        for r in range(self.world):
+            info = json.loads((d / f"rank-{r:05d}.json").read_text())
+            self.layout = self.layout or info["layout"]
+            specs = {k: ShardSpec.from_dict(v) for k, v in info["specs"].items()}
+            for name, sc in info.get("optim_scalars", {}).items():
+                self.optim_scalars.setdefault(name, sc)
+            with safe_open(str(_rank_file(d, r)), framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith("model/"):
+                        name = key[6:]
+                        self._model.setdefault(name, {}).setdefault(specs[name].tp_rank, (r, specs[name]))
+                    elif key.startswith("optim/"):
+                        name, _, skey = key[6:].rpartition("/")
+                        if name in specs and tuple(f.get_slice(key).get_shape()) == _local_shape(specs[name]):
+                            spec = specs[name]
+                            self._optim.setdefault(name, {}).setdefault(skey, {}).setdefault(spec.tp_rank,
+                                                                                              (r, spec))
+
+    def _read(self, key: str, name: str, chunks: dict[int, tuple[int, Any]]) -> torch.Tensor:
+        from pali.parallel import merge_shards
+
+        parts = []
+        for _, (r, spec) in sorted(chunks.items()):
+            with safe_open(str(_rank_file(self.dir, r)), framework="pt") as f:
+                parts.append(({name: spec}, {name: f.get_tensor(key)}))
+        return merge_shards(parts)[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The full tensor `name` (as in `PaLI.state_dict()`), read from disk now."""
+        if name not in self._model:
+            raise KeyError(f"{name!r} is not in checkpoint {self.dir} (it holds {len(self._model)} tensors)")
+        return self._read(f"model/{name}", name, self._model[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._model
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._model)
+
+    def __len__(self) -> int:
+        return len(self._model)
+
+    def optim_for(self, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """{name: {key: full tensor}} of the optimizer state of just `names` (others are not read)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name in names:
+            for skey, chunks in self._optim.get(name, {}).items():
+                out.setdefault(name, {})[skey] = self._read(f"optim/{name}/{skey}", name, chunks)
+        return out
+
+    def rng_state(self, rank: int) -> torch.Tensor | None:
+        """The torch RNG state rank `rank` saved, or None (no such rank or none saved)."""
+        if not 0 <= rank < self.world:
+            return None
+        with safe_open(str(_rank_file(self.dir, rank)), framework="pt") as f:
+            return f.get_tensor("rng/torch") if "rng/torch" in f.keys() else None
+
+
+def load_optim_for(ckpt_dir: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Merged optimizer state {name: {key: full}} of only `names`, read tensor by tensor.
+
+    The same tensors `load_full(ckpt_dir)["optim"]` holds for those names (shard-shaped state only).
+    """
+    return LazyShardedState(ckpt_dir).optim_for(names)
