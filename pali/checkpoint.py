@@ -47,8 +47,11 @@ def create_model(preset_or_config: str | PaLIConfig, device: str | torch.device 
 
 
 def param_seed(seed: int, name: str) -> int:
-    """The generator seed of parameter `name` under base seed `seed`: seed in the high bits, crc32(name) low."""
-    return ((int(seed) << 32) | zlib.crc32(name.encode("utf-8"))) & (2 ** 63 - 1)
+    """The generator seed of parameter `name` under base seed `seed`: crc32 of "<seed>/<name>".
+
+    32 bits on purpose: the CPU generator (mt19937) keeps only the low 32 bits of its seed.
+    """
+    return zlib.crc32(f"{int(seed)}/{name}".encode())
 
 
 def _fill_(p: torch.Tensor, cfg: PaLIConfig, name: str, seed: int) -> torch.Tensor:

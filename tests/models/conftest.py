@@ -28,10 +28,17 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def eos_model(tiny_model):
     """The tiny model with a boosted EOS row in its output head, so some sequences stop early."""
-    m = copy.deepcopy(tiny_model)
-    with torch.no_grad():
-        m.text.lm_head.weight[m.cfg.text.eos_token_id] *= 4.0
-    return m.eval()
+    # The boost that gives a batch of early stops and full-length rows depends on the random init: search it.
+    px, ids, mask = _batch(tiny_model.cfg, b=4)
+    for boost in (2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0):
+        m = copy.deepcopy(tiny_model).eval()
+        with torch.no_grad():
+            m.text.lm_head.weight[m.cfg.text.eos_token_id] *= boost
+        out = m.generate(px, ids, mask, max_new_tokens=10)
+        stopped = int((out == m.cfg.text.eos_token_id).any(1).sum())
+        if out.shape[1] == 10 and 1 <= stopped <= 3:
+            return m
+    raise RuntimeError("no EOS boost gives a mix of early and late stops for this init")
 
 
 @pytest.fixture(scope="session")
