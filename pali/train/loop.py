@@ -6,6 +6,7 @@ each batch to the other ranks of its replica, so TP/PP ranks see the same exampl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -121,18 +122,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     # --- state: latest checkpoint of this run, else an init checkpoint, else a seeded init ---
+    # Tensors are read lazily, one at a time, and sliced for this rank: no process holds the whole model.
+    stack = contextlib.ExitStack()  # keeps the checkpoint directory while tensors are read
     ckpt = ray.train.get_checkpoint()
     loaded, start_step, data_pos = None, 0, 0
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            loaded = ck.load_full(d)
-        start_step = int(loaded["meta"]["step"])
-        data_pos = int(loaded["meta"].get("data_position", 0))
-        full_state = loaded["model"]
+        loaded = ck.LazyShardedState(stack.enter_context(ckpt.as_directory()))
+        start_step = int(loaded.meta["step"])
+        data_pos = int(loaded.meta.get("data_position", 0))
+        full_state = loaded
     elif config.get("init_state_path"):
-        from safetensors.torch import load_file
-
-        full_state = load_file(config["init_state_path"])
+        full_state = ck.LazyTensorFile(config["init_state_path"])
     else:
         full_state = None
     engine = build_engine(mcfg, grid, full_state, seed=cfg.seed, dp_mode=cfg.dp_mode, schedule=cfg.pp_schedule,
@@ -143,19 +143,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = build_optimizer([p for _, p in named], cfg)
     sched = build_scheduler(opt, cfg)
     if loaded is not None:
-        same_layout = loaded["layout"] and all(loaded["layout"].get(k) == v for k, v in
-                                               {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp}.items())
-        ck.restore_optimizer(opt, named, loaded["optim"], loaded["optim_scalars"], engine.shard_spec(), slice_for)
-        if not same_layout and cfg.optimizer == "adafactor":
-            print(f"[pali] layout changed {loaded['layout']} -> dp={grid.dp} pp={grid.pp} tp={grid.tp}: "
-                  "Adafactor's factored moments restart (AdamW state reshards exactly)")
+        same_layout = loaded.layout and all(loaded.layout.get(k) == v for k, v in
+                                            {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp}.items())
+        specs = engine.shard_spec()
+        for name, p in named:  # one parameter's full optimizer state at a time
+            ck.restore_optimizer(opt, [(name, p)], loaded.optim_for([name]), loaded.optim_scalars, specs, slice_for)
+        if cfg.optimizer == "adafactor":
+            print("[pali] Adafactor's factored second moments restart on resume (AdamW state reshards exactly)")
         with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is missing
             warnings.simplefilter("ignore")
             for _ in range(start_step):
                 sched.step()
-        if same_layout and loaded["rng"].get(rank) is not None:
-            torch.set_rng_state(loaded["rng"][rank])
+        rng = loaded.rng_state(rank)
+        if same_layout and rng is not None:
+            torch.set_rng_state(rng)
         del loaded
+    stack.close()
 
     # --- data ---
     reader = grid.tp_rank == 0 and grid.pp_rank == 0
