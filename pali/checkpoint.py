@@ -67,6 +67,10 @@ def _fill_(p: torch.Tensor, cfg: PaLIConfig, name: str, seed: int) -> torch.Tens
             return p.normal_(0.0, 1.0, generator=g)
         if name.endswith("lm_head.weight") or "relative_attention_bias" in name:
             return p.normal_(0.0, t.d_model ** -0.5, generator=g)
+        if name.endswith("attn.q.weight"):
+            # T5 does not scale scores by 1/sqrt(d_kv); its reference init folds the scale into q instead,
+            # otherwise attention starts saturated (near one-hot) and barely learns where to look.
+            return p.normal_(0.0, (t.d_model * t.d_kv) ** -0.5, generator=g)
         return p.normal_(0.0, p.shape[1] ** -0.5, generator=g)  # fan-in of nn.Linear weight (out, in)
     if name == "projector.weight":
         # The projector starts small so visual tokens do not swamp the text embeddings at step 0.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -43,10 +42,8 @@ def test_evaluate_job_end_to_end(ray_cluster, tiny_eval, tmp_path, capsys):
 
     out = tmp_path / "out"
     shard_dir = tiny_eval["shards"][0].rsplit("/", 1)[0]
-    t0 = time.time()
     rc = main(["--checkpoint", tiny_eval["ckpt"], "--data", shard_dir, "--max-new-tokens", "6",
                "--batch-size", "4", "--out", str(out)])
-    elapsed = time.time() - t0
     assert rc == 0
     assert "caption/cider" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -74,7 +71,6 @@ def test_evaluate_job_end_to_end(ray_cluster, tiny_eval, tmp_path, capsys):
     assert "per_language.png" in report and "caption/cider" in report
     assert (out / "per_language.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert format_table(metrics).splitlines()[-1].startswith("mean")
-    assert elapsed < 120, elapsed
 
 
 @pytest.mark.slow
