@@ -23,19 +23,21 @@ class TrainConfig:
     """Held-out shards for the end-of-run loss, samples and evaluation."""
     tokenizer: str | None = None
     """sentencepiece `.model` to use; None trains one from the training shards' text."""
-    task_weights: dict[str, float] | None = None
-    """Task mixture weights (None: the data pipeline's default PaLI-style mixture)."""
-    steps: int = 300
+    task_weights: dict[str, float] | None = field(default_factory=lambda: {
+        "caption": 3.0, "vqa": 3.0, "ocr": 2.0, "split_caption": 1.0, "vqg": 0.5, "span_corruption": 0.5})
+    """Task mixture weights (None: the data pipeline's default mixture); the default leans on the tasks the
+    end-of-run evaluation scores."""
+    steps: int = 800
     """Optimizer steps to train for."""
     global_batch: int = 32
     """Examples per optimizer step, over all data-parallel ranks (kept constant when the group resizes)."""
     micro_batch: int = 16
     """Examples per forward/backward on one rank (gradient accumulation = global / (dp * micro))."""
-    lr: float = 3e-3
+    lr: float = 1e-3
     """Peak learning rate."""
     schedule: Literal["rsqrt", "cosine", "constant"] = "rsqrt"
     """Linear warmup then inverse-sqrt decay (PaLI), or cosine to `min_lr_ratio`, or constant."""
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     """Linear warmup steps."""
     min_lr_ratio: float = 0.1
     """Final lr / peak lr for the cosine schedule."""
