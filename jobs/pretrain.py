@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         overrides["freeze_vision"] = a.freeze_vision
     cfg = TrainConfig(
         preset=a.preset, model_overrides=overrides, init_from=a.init_from, data=a.data, eval_data=a.eval_data,
-        tokenizer=a.tokenizer, task_weights=json.loads(a.task_weights) if a.task_weights else None,
+        tokenizer=a.tokenizer, task_weights=json.loads(a.task_weights) if a.task_weights else d.task_weights,
         steps=a.steps, global_batch=a.global_batch, micro_batch=a.micro_batch, lr=a.lr, schedule=a.schedule,
         warmup_steps=a.warmup_steps, optimizer=a.optimizer, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
         seed=a.seed, tp=a.tp, pp=a.pp, workers=a.workers, min_workers=a.min_workers, max_workers=a.max_workers,
