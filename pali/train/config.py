@@ -27,7 +27,7 @@ class TrainConfig:
         "caption": 3.0, "vqa": 3.0, "ocr": 2.0, "split_caption": 1.0, "vqg": 0.5, "span_corruption": 0.5})
     """Task mixture weights (None: the data pipeline's default mixture); the default leans on the tasks the
     end-of-run evaluation scores."""
-    steps: int = 800
+    steps: int = 1000
     """Optimizer steps to train for."""
     global_batch: int = 32
     """Examples per optimizer step, over all data-parallel ranks (kept constant when the group resizes)."""

@@ -153,13 +153,19 @@ def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
     return tok, shards, mcfg
 
 
+# The quick start's corpus: six languages in five scripts (Latin, Cyrillic, Arabic, Devanagari, Han), so
+# the tiny model sees enough of each language to ground its answers within a ~10 minute CPU run.
+# `python -m jobs.make_shards` writes all ten languages.
+QUICKSTART_LANGS = ("en", "fr", "ru", "ar", "hi", "zh")
+
+
 def _ensure_synthetic(out_dir: str, n: int, seed: int) -> None:
     from pali.data.synthetic import write_synthetic_shards
 
     if Path(out_dir).is_dir() and any(Path(out_dir).glob("*.parquet")):
         return
-    print(f"[pali] generating {n} synthetic examples into {out_dir} (seed {seed})")
-    write_synthetic_shards(out_dir, num_examples=n, seed=seed, examples_per_shard=256)
+    print(f"[pali] generating {n} synthetic examples in {', '.join(QUICKSTART_LANGS)} into {out_dir} (seed {seed})")
+    write_synthetic_shards(out_dir, num_examples=n, langs=QUICKSTART_LANGS, seed=seed, examples_per_shard=256)
 
 
 def fit(cfg: TrainConfig, threads_per_worker: int = 1):
