@@ -21,6 +21,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,15 +191,27 @@ class DataStats:
         job = ray.get_runtime_context().get_job_id()
         if _ACTOR_CACHE.get("job") != job:
             # A named actor dies with its creator's last handle: keep one for this process's lifetime.
+            # Soft-pinned to this node (the driver's, usually the head) so it outlives worker nodes.
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
             _ACTOR_CACHE.update(job=job, actor=_Counters.options(name=_STATS_ACTOR, namespace="pali",
-                                                                 get_if_exists=True).remote())
+                                                                 get_if_exists=True,
+                                                                 scheduling_strategy=here).remote())
         self._actor = _ACTOR_CACHE["actor"]
 
     def add(self, **counts: int) -> None:
-        """Add counts; waits for the actor, so totals are complete once the data has been consumed."""
+        """Add counts; waits for the actor, so totals are complete once the data has been consumed.
+
+        Counters are bookkeeping: if the actor is gone (its node died mid-run), the counts are dropped with
+        a warning and the data keeps flowing.
+        """
         import ray
 
-        ray.get(self._actor.add.remote(self.key, counts, time.time()))
+        try:
+            ray.get(self._actor.add.remote(self.key, counts, time.time()))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            warnings.warn(f"data counters unavailable ({type(e).__name__}); {counts} not counted", stacklevel=2)
 
     def get(self) -> dict[str, Any]:
         """Current totals: rows, bad_shards, malformed_rows, bad_images, filtered_lang, no_task, examples,
