@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from pali.config import PaLIConfig, get_preset
+from pali.config import PaLIConfig, get_preset, parse_overrides
 from pali.models.pali import flops_per_example
 from pali.plan.hardware import GPUS, get_gpu
 from pali.plan.memory import Geometry, total_params
@@ -64,15 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_config(a: argparse.Namespace) -> PaLIConfig:
     """The preset with --override / --image-size / --freeze-vision applied."""
-    overrides: dict = {}
-    for kv in a.override:
-        key, sep, val = kv.partition("=")
-        if not sep:
-            raise ValueError(f"--override {kv!r}; expected KEY=VALUE")
-        try:
-            overrides[key] = json.loads(val)
-        except json.JSONDecodeError:
-            overrides[key] = val
+    overrides = parse_overrides(a.override)
     if a.image_size is not None:
         overrides["vision__image_size"] = a.image_size
     if a.freeze_vision is not None:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from pali.config import parse_overrides
 from pali.train.config import TrainConfig
 
 
@@ -77,13 +78,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     g.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
-    overrides = {}
-    for kv in a.override:
-        key, _, val = kv.partition("=")
-        try:
-            overrides[key] = json.loads(val)
-        except json.JSONDecodeError:
-            overrides[key] = val
+    overrides = parse_overrides(a.override)
     if a.image_size is not None:
         overrides["vision__image_size"] = a.image_size
     if a.freeze_vision is not None:

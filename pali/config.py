@@ -238,6 +238,20 @@ PRESETS: dict[str, Any] = {
 }
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--override KEY=VALUE` flags as a dict (values parsed as JSON, else kept as strings)."""
+    out: dict[str, Any] = {}
+    for kv in items:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--override {kv!r}; expected KEY=VALUE")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+    return out
+
+
 def get_preset(name: str) -> PaLIConfig:
     """A fresh copy of a named preset."""
     if name not in PRESETS:

@@ -12,15 +12,6 @@ from pali.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from pali.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine extra threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = ["a photo of a cat", "ein Foto eines Hundes", "une photo d'un oiseau", "фото собаки"] * 30

@@ -39,15 +39,6 @@ VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interm
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine extra threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """Tiny random HF checkpoints on disk: untied mT5 (+ spiece.model), tied T5 v1.0, ViT, SigLIP."""

@@ -10,15 +10,6 @@ import torch
 from pali import create_model
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run each test on one intra-op thread: on a shared 2-core machine extra threads only spin (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny preset in eval mode (shared: tests must not modify it; deep-copy first)."""
