@@ -15,6 +15,7 @@ import torch
 import pali
 from pali.bench.common import median, synthetic_batch, time_side_by_side
 from pali.bench.hf_reference import hf_reference, strip_hf
+from pali.bench.profile import speedup_ceiling, step_breakdown
 
 
 @dataclass
@@ -33,6 +34,8 @@ class DecodeBenchConfig:
     """1 = greedy; > 1 = beam search."""
     repeats: int = 5
     """Timed calls per side (median reported)."""
+    profile: bool = True
+    """Profile one extra greedy call per side: share of CPU time in GEMM kernels and the speed-up ceiling."""
 
 
 def run_decode(cfg: DecodeBenchConfig) -> list[dict]:
@@ -56,6 +59,11 @@ def run_decode(cfg: DecodeBenchConfig) -> list[dict]:
                 times = time_side_by_side({"ours": partial(model.generate, **inputs, **kw),
                                            "hf": partial(ref.generate, **inputs, **kw, do_sample=False)},
                                           cfg.repeats, warmup=1)
+            prof = {}
+            if cfg.profile and beams == 1:
+                with torch.no_grad():
+                    prof = {"ours": step_breakdown(partial(model.generate, **inputs, **kw)),
+                            "hf": step_breakdown(partial(ref.generate, **inputs, **kw, do_sample=False))}
             new_tokens = int((ours != model.cfg.text.pad_token_id).sum())
             t_ours, t_hf = median(times["ours"]), median(times["hf"])
             rows.append({"preset": preset, "mode": "greedy" if beams == 1 else f"beam {beams}",
@@ -63,5 +71,6 @@ def run_decode(cfg: DecodeBenchConfig) -> list[dict]:
                          "tokens_identical": True, "new_tokens": new_tokens,
                          "call_s_ours": t_ours, "call_s_hf": t_hf,
                          "tokens_per_s_ours": new_tokens / t_ours, "tokens_per_s_hf": new_tokens / t_hf,
-                         "speedup": t_hf / t_ours, "times_ours": times["ours"], "times_hf": times["hf"]})
+                         "speedup": t_hf / t_ours, "times_ours": times["ours"], "times_hf": times["hf"],
+                         "profile": prof, "ceiling": speedup_ceiling(prof["hf"]) if prof else None})
     return rows

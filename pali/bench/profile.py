@@ -25,3 +25,14 @@ def step_breakdown(fn: Callable[[], object], steps: int = 1) -> dict[str, float]
     return {"self_cpu_s": total / 1e6 / steps, "gemm_s": gemm / 1e6 / steps, "optimizer_s": optim / 1e6 / steps,
             "gemm_frac": gemm / total if total else 0.0, "optimizer_frac": optim / total if total else 0.0,
             "aten_calls_per_step": calls / steps}
+
+
+def speedup_ceiling(reference: dict[str, float]) -> float:
+    """The largest speed-up over `reference` (a `step_breakdown`) that the same arithmetic allows.
+
+    A faster implementation still runs the reference's matrix multiplications and optimizer update with
+    the same kernels; only the rest (operator dispatch, copies, element-wise glue) can go. So even with
+    zero overhead its time is at least gemm_s + optimizer_s, and the ratio below bounds any speed-up.
+    """
+    floor = reference["gemm_s"] + reference["optimizer_s"]
+    return reference["self_cpu_s"] / floor if floor > 0 else float("inf")

@@ -14,7 +14,7 @@ import torch
 import pali
 from pali.bench.common import batch_tokens, median, synthetic_batch, time_side_by_side
 from pali.bench.hf_reference import hf_reference
-from pali.bench.profile import step_breakdown
+from pali.bench.profile import speedup_ceiling, step_breakdown
 from pali.models.pali import flops_per_example
 from pali.train.metrics import PEAK_FLOPS, peak_flops
 
@@ -85,6 +85,7 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
                      # the same against the peak of the threads actually used (the trainer divides by all cores)
                      "mfu_of_used_threads": flops * eps / (PEAK_FLOPS["cpu_core"] * torch.get_num_threads()),
                      "hf_attn_implementation": ref.t5.config._attn_implementation,
-                     "times_ours": times["ours"], "times_hf": times["hf"], "profile": prof})
+                     "times_ours": times["ours"], "times_hf": times["hf"], "profile": prof,
+                     "ceiling": speedup_ceiling(prof["hf"]) if prof else None})
     return rows
 

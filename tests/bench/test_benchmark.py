@@ -10,6 +10,7 @@ import torch
 from jobs.benchmark import main, parse_args
 from pali.bench.common import synthetic_batch, time_side_by_side
 from pali.bench.hf_reference import strip_hf
+from pali.bench.profile import speedup_ceiling, step_breakdown
 from pali.bench.report import check_targets, to_markdown
 
 
@@ -31,8 +32,20 @@ def test_smallest_configuration_end_to_end(tmp_path):
     assert modes["greedy"]["new_tokens"] > 0
     names = [t["target"] for t in res["targets"]]
     assert "train step speed-up vs HF (tiny)" in names and "greedy decoding speed-up vs HF generate (tiny)" in names
+    assert train["ceiling"] > 1 and modes["greedy"]["ceiling"] > 1  # HF spends some time outside GEMMs
     md = (tmp_path / "results.md").read_text()
     assert env["commit"] in md and "| tiny | greedy |" in md and "## Targets" in md
+    assert "ceiling with the same GEMMs" in md and "Where a greedy call's CPU time goes" in md
+
+
+def test_speedup_ceiling_bounds_what_the_same_matmuls_allow():
+    """All-GEMM work has no headroom (ceiling 1); a loop of tiny element-wise ops has a large one."""
+    a = torch.randn(256, 256)
+    gemm_only = step_breakdown(lambda: a @ a, steps=3)
+    assert speedup_ceiling(gemm_only) == pytest.approx(1.0, rel=0.05)
+    mixed = step_breakdown(lambda: [(a[:4, :4] + 1).mul_(2) for _ in range(200)] and a @ a, steps=3)
+    assert speedup_ceiling(mixed) > 1.2
+    assert speedup_ceiling({"self_cpu_s": 1.0, "gemm_s": 0.5, "optimizer_s": 0.25}) == pytest.approx(4 / 3)
 
 
 def test_targets_are_judged_from_the_numbers():
