@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--schedule", choices=["rsqrt", "cosine", "constant"], default=d.schedule)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--vision-lr-mult", type=float, default=d.vision_lr_mult,
+                   help="lr multiplier of the vision tower and projector")
     g.add_argument("--optimizer", choices=["adamw", "adafactor"], default=d.optimizer)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--grad-clip", type=float, default=d.grad_clip)
@@ -87,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         preset=a.preset, model_overrides=overrides, init_from=a.init_from, data=a.data, eval_data=a.eval_data,
         tokenizer=a.tokenizer, task_weights=json.loads(a.task_weights) if a.task_weights else d.task_weights,
         steps=a.steps, global_batch=a.global_batch, micro_batch=a.micro_batch, lr=a.lr, schedule=a.schedule,
-        warmup_steps=a.warmup_steps, optimizer=a.optimizer, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+        warmup_steps=a.warmup_steps, vision_lr_mult=a.vision_lr_mult, optimizer=a.optimizer,
+        weight_decay=a.weight_decay, grad_clip=a.grad_clip,
         seed=a.seed, tp=a.tp, pp=a.pp, workers=a.workers, min_workers=a.min_workers, max_workers=a.max_workers,
         cpus_per_worker=a.cpus_per_worker,
         worker_resources=json.loads(a.worker_resources) if a.worker_resources else {},

@@ -39,6 +39,10 @@ class TrainConfig:
     """Linear warmup then inverse-sqrt decay (PaLI), or cosine to `min_lr_ratio`, or constant."""
     warmup_steps: int = 50
     """Linear warmup steps."""
+    vision_lr_mult: float = 0.3
+    """Learning-rate multiplier of the vision tower and projector. Trained from scratch with the text
+    model's lr, the small-init ViT's tokens collapse towards one vector and the model stops seeing shapes
+    and counts; a lower vision lr keeps them apart (see the README's training section)."""
     min_lr_ratio: float = 0.1
     """Final lr / peak lr for the cosine schedule."""
     optimizer: Literal["adamw", "adafactor"] = "adamw"
@@ -112,6 +116,9 @@ class TrainConfig:
             if self.global_batch % dp:
                 raise ValueError(f"global batch {self.global_batch} does not split evenly over dp={dp} "
                                  f"data-parallel ranks (world {n} / (tp*pp = {mp}))")
+        if not self.vision_lr_mult > 0:
+            raise ValueError(f"vision_lr_mult must be > 0; got {self.vision_lr_mult} (freeze the tower with "
+                             "freeze_vision instead)")
         if self.elastic and (self.min_workers or 1) > (self.max_workers or 10**9):
             raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
 

@@ -140,7 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           autocast_dtype=torch.bfloat16 if cfg.use_gpu else None,
                           activation_checkpointing=cfg.activation_checkpointing)
     named = list(engine.named_parameters())
-    opt = build_optimizer([p for _, p in named], cfg)
+    opt = build_optimizer(named, cfg)
     sched = build_scheduler(opt, cfg)
     if loaded is not None:
         same_layout = loaded.layout and all(loaded.layout.get(k) == v for k, v in

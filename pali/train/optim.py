@@ -8,6 +8,9 @@ import torch
 
 from pali.train.config import TrainConfig
 
+VISION_PREFIXES = ("vision_tower.", "projector.")
+"""Parameter-name prefixes trained at `TrainConfig.vision_lr_mult` times the lr."""
+
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak lr at `step` (0-based)."""
@@ -25,20 +28,29 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     raise ValueError(f"unknown schedule {cfg.schedule!r}; expected rsqrt, cosine or constant")
 
 
-def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay on matrices only) or Adafactor (transformers' implementation)."""
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay on matrices only) or Adafactor (transformers' implementation).
+
+    named_params: (full parameter name, tensor) pairs as `Engine.named_parameters()` yields them. The
+    vision tower and projector (`vision_tower.*`, `projector.*`) train at `cfg.lr * cfg.vision_lr_mult`.
+    """
+    named = [(n, p) for n, p in named_params if p.requires_grad]
     if cfg.optimizer == "adamw":
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = []
+        for vision in (False, True):
+            lr = cfg.lr * (cfg.vision_lr_mult if vision else 1.0)
+            for decay in (True, False):
+                ps = [p for n, p in named if n.startswith(VISION_PREFIXES) == vision and (p.dim() >= 2) == decay]
+                if ps:
+                    groups.append({"params": ps, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=cfg.weight_decay)
+        groups = [{"params": [p for n, p in named if n.startswith(VISION_PREFIXES) == vision],
+                   "lr": cfg.lr * (cfg.vision_lr_mult if vision else 1.0)} for vision in (False, True)]
+        return Adafactor([g for g in groups if g["params"]], lr=cfg.lr, scale_parameter=False,
+                         relative_step=False, warmup_init=False, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adamw or adafactor")
 
 

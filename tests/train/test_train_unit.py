@@ -28,7 +28,32 @@ def test_cosine_schedule_ends_at_min_ratio():
     assert lr_factor(50, cfg) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_vision_tower_trains_at_its_own_lr_through_the_schedule(optimizer):
+    """Vision tower + projector at lr * vision_lr_mult, everything else at lr, scaled alike by the schedule;
+    AdamW still spares biases and norms from weight decay."""
+    import pali
+
+    model = pali.create_model("tiny", seed=0)
+    cfg = TrainConfig(lr=1e-3, vision_lr_mult=0.25, warmup_steps=4, optimizer=optimizer)
+    opt = build_optimizer(model.named_parameters(), cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    for g in opt.param_groups:
+        vision = {names[id(p)].startswith(("vision_tower.", "projector.")) for p in g["params"]}
+        assert len(vision) == 1, "a group mixes vision and text parameters"
+        want = 1e-3 * (0.25 if vision.pop() else 1.0) * lr_factor(6, cfg)
+        assert g["lr"] == pytest.approx(want)
+        if optimizer == "adamw":
+            assert (g["weight_decay"] > 0) == all(p.dim() >= 2 for p in g["params"])
+
+
 @pytest.mark.parametrize("kw, msg", [
+    ({"vision_lr_mult": 0.0}, "vision_lr_mult must be > 0"),
     ({"workers": 3, "tp": 2}, r"not a multiple of tp\*pp"),
     ({"workers": 4, "global_batch": 30}, "does not split evenly"),
     ({"steps": 0}, "steps must be >= 1"),
@@ -86,7 +111,7 @@ def test_sharded_checkpoint_merges_and_reslices_for_another_layout(tmp_path):
     specs1 = {"w": ShardSpec((6, 4), None), "b": ShardSpec((4,), None)}
     params = [(n, torch.nn.Parameter(t.clone())) for n, t in slice_for(got["model"], specs1).items()]
     cfg = TrainConfig(optimizer="adamw")
-    opt = build_optimizer([p for _, p in params], cfg)
+    opt = build_optimizer(params, cfg)
     n = ck.restore_optimizer(opt, params, got["optim"], got["optim_scalars"], specs1, slice_for)
     assert n == 4  # exp_avg and exp_avg_sq of w and b
     torch.testing.assert_close(opt.state[dict(params)["w"]]["exp_avg"], got["optim"]["w"]["exp_avg"])
