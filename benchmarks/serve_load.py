@@ -1,15 +1,24 @@
 """Load test of the Serve application: requests/s and p50/p99 latency with batching on and off.
 
-    python benchmarks/serve_load.py [--checkpoint CKPT] [--concurrency 32] [--duration 20] [--out result.json]
+    python benchmarks/serve_load.py [--checkpoint CKPT] [--concurrency 32] [--duration 20] [--rounds 2]
+                                    [--out result.json]
 
-Without `--checkpoint` a tiny random model is made in a temp dir. Serves on 127.0.0.1 only; one replica
-per run, so the two runs differ only in `max_batch_size` (16 vs 1). Prints and writes JSON that records
-hardware, commit and date next to the numbers.
+Without `--checkpoint` a tiny random model is made in a temp dir. Serves on 127.0.0.1 only, one replica;
+the two modes differ only in `max_batch_size` (16 vs 1) and face the same load: the same pre-encoded
+request bodies, sent by `concurrency` closed-loop clients. Modes alternate within one Ray session
+(on off, off on, ...: `--rounds`), so load from other work on the machine hits both alike.
+
+The load generator is one asyncio process (aiohttp, keep-alive connections, bodies encoded once) so
+that it costs little CPU next to the server it measures. Every mode also records the CPU time that the
+load generator, the Serve HTTP proxy, the replica and the rest of Ray spent per request (from
+/proc), and how busy the whole machine was: on a small shared machine these decide the ratio.
+Prints and writes JSON that records hardware, commit and date next to the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -19,7 +28,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +36,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODES = {"batching_on": None, "batching_off": 1}
+"""Mode name -> max_batch_size (None: the `--max-batch-size` flag)."""
 
 
 def tiny_checkpoint(out_dir: Path) -> Path:
@@ -49,6 +60,12 @@ def image_b64(seed: int, size: int = 96) -> str:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def request_bodies(n: int, max_new_tokens: int) -> list[bytes]:
+    """`n` JSON bodies of `POST /v1/generate` (caption task, 4 languages), encoded once up front."""
+    return [json.dumps({"image": image_b64(i), "task": "caption", "lang": ["en", "fr", "zh", "ar"][i % 4],
+                        "max_new_tokens": max_new_tokens}).encode() for i in range(n)]
 
 
 def hardware() -> dict:
@@ -73,43 +90,121 @@ def commit() -> str:
         return "unknown"
 
 
-def run_load(url: str, concurrency: int, duration: float, max_new_tokens: int) -> dict:
-    """`concurrency` closed-loop clients for `duration` seconds; latency percentiles and throughput."""
-    import requests
+# --- CPU accounting from /proc (Linux; empty elsewhere) -------------------------------------------------
+def _proc_table() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command line, CPU seconds used so far) of every process we may read."""
+    tck = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ... utime stime at 11, 12
+        out[int(d.name)] = (int(fields[1]), cmd, (int(fields[11]) + int(fields[12])) / tck)
+    return out
 
-    bodies = [{"image": image_b64(i), "task": "caption", "lang": ["en", "fr", "zh", "ar"][i % 4],
-               "max_new_tokens": max_new_tokens} for i in range(64)]
+
+def _group(cmd: str) -> str:
+    if cmd.startswith("ray::ServeReplica"):
+        return "replica"
+    if cmd.startswith("ray::ProxyActor"):
+        return "proxy"
+    return "ray_other"
+
+
+def cpu_snapshot() -> dict[str, float]:
+    """CPU seconds used so far by this process (the load generator), by its descendants grouped as
+    replica / proxy / ray_other, and by the whole machine (`machine_busy`, all cores)."""
+    snap = {"load_generator": 0.0, "replica": 0.0, "proxy": 0.0, "ray_other": 0.0, "machine_busy": 0.0}
+    try:
+        table = _proc_table()
+        cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return {}
+    snap["machine_busy"] = (sum(cpu) - cpu[3] - cpu[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    me = os.getpid()
+    snap["load_generator"] = table.get(me, (0, "", 0.0))[2]
+    stack = list(children.get(me, []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        snap[_group(table[pid][1])] += table[pid][2]
+    return snap
+
+
+def cpu_per_request(before: dict, after: dict, wall: float, requests: int) -> dict:
+    """CPU milliseconds per request of each process group, and busy cores (ours and the machine's)."""
+    if not before or not after or not requests:
+        return {}
+    d = {k: after[k] - before[k] for k in before}
+    ours = d["load_generator"] + d["replica"] + d["proxy"] + d["ray_other"]
+    out = {f"{k}_ms_per_request": round(1000 * d[k] / requests, 2)
+           for k in ("load_generator", "proxy", "replica", "ray_other")}
+    out.update(ours_ms_per_request=round(1000 * ours / requests, 2), ours_busy_cores=round(ours / wall, 2),
+               machine_busy_cores=round(d["machine_busy"] / wall, 2),
+               others_busy_cores=round(max(0.0, d["machine_busy"] - ours) / wall, 2))
+    return out
+
+
+# --- load --------------------------------------------------------------------------------------------
+async def _load(url: str, bodies: list[bytes], concurrency: int, duration: float) -> dict:
+    import aiohttp
+
     lat: list[float] = []
-    errors = [0]
-    stop = time.time() + duration
-    lock = threading.Lock()
+    done_in_window = [0]
+    errors: dict[int, int] = {}
+    headers = {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        start = time.perf_counter()
+        stop = start + duration
 
-    def client(k: int) -> None:
-        s = requests.Session()
-        i = k
-        while time.time() < stop:
-            t = time.perf_counter()
-            r = s.post(url + "/v1/generate", json=bodies[i % len(bodies)], timeout=120)
-            dt = time.perf_counter() - t
-            with lock:
-                if r.status_code == 200:
-                    lat.append(dt)
+        async def client(k: int) -> None:
+            i = k
+            while (t := time.perf_counter()) < stop:
+                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
+                    await r.read()
+                    status = r.status
+                end = time.perf_counter()
+                if status == 200:
+                    lat.append(end - t)
+                    done_in_window[0] += end <= stop
                 else:
-                    errors[0] += 1
-            i += concurrency
+                    errors[status] = errors.get(status, 0) + 1
+                i += concurrency
 
-    start = time.time()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.time() - start
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+        wall = time.perf_counter() - start
     ms = np.array(lat) * 1000
-    return {"requests": len(lat), "errors": errors[0], "wall_s": round(wall, 2),
-            "requests_per_s": round(len(lat) / wall, 2),
+    return {"requests": len(lat), "errors": sum(errors.values()), "error_statuses": errors,
+            "wall_s": round(wall, 2), "requests_per_s": round(done_in_window[0] / duration, 2),
             "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
             "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None}
+
+
+def run_load(url: str, concurrency: int, duration: float, max_new_tokens: int,
+             bodies: list[bytes] | None = None) -> dict:
+    """`concurrency` closed-loop clients for `duration` seconds against `url`/v1/generate: throughput
+    (requests completed inside the window / duration), latency percentiles (every completed request)
+    and the CPU each process group spent per request."""
+    bodies = bodies or request_bodies(64, max_new_tokens)
+    before = cpu_snapshot()
+    res = asyncio.run(_load(url + "/v1/generate", bodies, concurrency, duration))
+    res["cpu"] = cpu_per_request(before, cpu_snapshot(), res["wall_s"], res["requests"])
+    return res
+
+
+def mode_order(rounds: int) -> list[str]:
+    """on off, off on, on off, ...: every mode runs first as often as the other (side by side)."""
+    names = list(MODES)
+    return [m for r in range(rounds) for m in (names if r % 2 == 0 else names[::-1])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,51 +212,87 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per mode")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per mode and round")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of both modes, alternating which goes first")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--max-batch-size", type=int, default=16, help="batch size of the 'batching on' run")
+    p.add_argument("--batch-wait-timeout-s", type=float, default=None,
+                   help="batch wait of both modes (default: the app's default, serve.config.AppArgs)")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="Serve's per-replica request cap, both modes (default: max(concurrency, max batch size))")
     p.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--app", default="serve.app:build_app",
+                   help="application builder as module:function (e.g. another version of the app to compare)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     a = p.parse_args(argv)
+    if a.rounds < 1 or a.duration <= 0 or a.concurrency < 1:
+        p.error(f"--rounds={a.rounds}, --duration={a.duration}, --concurrency={a.concurrency}; expected >= 1, "
+                "> 0, >= 1")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import importlib
+
     import ray
+    import requests
     from ray import serve
 
-    from serve.app import build_app
+    from serve.config import AppArgs
 
+    module, _, func = a.app.partition(":")
+    build_app = getattr(importlib.import_module(module), func)
+    wait = a.batch_wait_timeout_s if a.batch_wait_timeout_s is not None else \
+        AppArgs.model_fields["batch_wait_timeout_s"].default
     tmp = tempfile.TemporaryDirectory()
     ckpt = a.checkpoint or str(tiny_checkpoint(Path(tmp.name) / "tiny"))
+    bodies = request_bodies(64, a.max_new_tokens)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(a.torch_threads)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    results = {}
+    runs: list[dict] = []
     try:
-        for mode, mbs in (("batching_on", a.max_batch_size), ("batching_off", 1)):
+        for mode in mode_order(a.rounds):
+            mbs = MODES[mode] or a.max_batch_size
             app = build_app({"models": {"default": ckpt}, "num_replicas": 1, "max_batch_size": mbs,
-                             "max_ongoing_requests": max(a.concurrency, mbs), "num_cpus": 0.5,
-                             "torch_threads": a.torch_threads, "batch_wait_timeout_s": 0.01})
+                             "max_ongoing_requests": a.max_ongoing_requests or max(a.concurrency, a.max_batch_size),
+                             "num_cpus": 0.5,
+                             "torch_threads": a.torch_threads, "batch_wait_timeout_s": wait})
             serve.run(app, name="bench", route_prefix="/")
-            run_load(url, min(a.concurrency, 4), 2.0, a.max_new_tokens)  # warm-up
-            res = run_load(url, a.concurrency, a.duration, a.max_new_tokens)
-            import requests
-
-            res["batch_sizes"] = requests.get(url + "/v1/stats", timeout=30).json()["batch_sizes"]
-            results[mode] = res
-            print(f"{mode:13s} max_batch_size={mbs:3d}  {res['requests_per_s']:8.2f} req/s  "
-                  f"p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms  errors {res['errors']}", flush=True)
+            run_load(url, min(a.concurrency, 4), 2.0, a.max_new_tokens, bodies)  # warm-up
+            stats0 = requests.get(url + "/v1/stats", timeout=30).json()["batch_sizes"]
+            load = [round(x, 2) for x in os.getloadavg()]
+            res = {"mode": mode, "max_batch_size": mbs, "load_avg_at_start": load,
+                   **run_load(url, a.concurrency, a.duration, a.max_new_tokens, bodies)}
+            stats1 = requests.get(url + "/v1/stats", timeout=30).json()["batch_sizes"]
+            res["batch_sizes"] = {k: v - stats0.get(k, 0) for k, v in stats1.items() if v - stats0.get(k, 0)}
+            runs.append(res)
+            cpu = res["cpu"]
+            print(f"{mode:13s} max_batch_size={mbs:3d}  {res['requests_per_s']:8.2f} req/s  p50 {res['p50_ms']} ms  "
+                  f"p99 {res['p99_ms']} ms  errors {res['errors']}  load {load[0]}  CPU ms/request: "
+                  f"gen {cpu.get('load_generator_ms_per_request')} proxy {cpu.get('proxy_ms_per_request')} "
+                  f"replica {cpu.get('replica_ms_per_request')}  machine busy {cpu.get('machine_busy_cores')} "
+                  f"cores", flush=True)
             serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
+    results = {}
+    for mode in MODES:
+        mine = [r for r in runs if r["mode"] == mode]
+        results[mode] = {k: float(np.median([r[k] for r in mine if r[k] is not None] or [np.nan]))
+                         for k in ("requests_per_s", "p50_ms", "p99_ms")}
+        results[mode]["errors"] = sum(r["errors"] for r in mine)
+    pairs = list(zip(runs[0::2], runs[1::2], strict=True))
+    on_off = [(x, y) if x["mode"] == "batching_on" else (y, x) for x, y in pairs]
     out = {"benchmark": "serve_load", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-           "commit": commit(), "hardware": hardware(), "checkpoint": a.checkpoint or "random tiny preset",
-           "concurrency": a.concurrency, "duration_s": a.duration, "max_new_tokens": a.max_new_tokens,
-           "results": results}
+           "commit": commit(), "hardware": hardware(), "checkpoint": a.checkpoint or "random tiny preset", "app": a.app,
+           "concurrency": a.concurrency, "duration_s": a.duration, "rounds": a.rounds,
+           "max_new_tokens": a.max_new_tokens, "batch_wait_timeout_s": wait, "results": results,
+           "throughput_ratios": [round(on["requests_per_s"] / off["requests_per_s"], 3) for on, off in on_off],
+           "p99_ratios": [round(on["p99_ms"] / off["p99_ms"], 3) for on, off in on_off], "runs": runs}
     print(json.dumps(out, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))

@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     p.add_argument("--max-batch-size", type=int, default=16, help="1 turns batching off")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.1,
+                   help="how long a partial batch waits for more requests (default 0.1)")
     p.add_argument("--num-replicas", type=int, default=None, help="fixed replicas (default: autoscale)")
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=2)

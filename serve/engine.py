@@ -18,7 +18,7 @@ import torch
 
 from pali.data.prompts import SUPPORTED_LANGS, build_prompt
 from serve.config import TASKS
-from serve.preprocess import InputError
+from serve.preprocess import InputError, decode_image, normalize, resize_rgb
 
 
 @dataclass
@@ -33,6 +33,9 @@ class LoadedModel:
     """Its `pali.tokenizer.Tokenizer`."""
     device: str = "cpu"
     """Where the weights live."""
+    prompt_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    """Cache prompt -> token ids (eos included): caption/ocr prompts are one per language, so most requests
+    skip the tokenizer; bounded by `PROMPT_CACHE_SIZE`."""
 
     @property
     def image_size(self) -> int:
@@ -83,12 +86,17 @@ class Item:
 
     entry: LoadedModel
     """Model that answers it."""
-    pixels: np.ndarray
-    """float32[3, H, W] preprocessed image."""
+    pixels: np.ndarray | None
+    """float32[3, H, W] preprocessed image, or None: `image` is decoded with the rest of its batch."""
     input_ids: list[int]
     """Prompt token ids, eos included."""
     params: DecodeParams
     """Decoding parameters."""
+    image: bytes | None = None
+    """Encoded JPEG/PNG/... bytes, used when `pixels` is None (decoded and resized in `decode_items`, off
+    the event loop, once per batch instead of one thread hop per request)."""
+    max_image_pixels: int = 25_000_000
+    """Largest decoded image (width*height) accepted for `image`."""
 
 
 @dataclass
@@ -140,9 +148,18 @@ def make_prompt(task: str, lang: str, prompt: str | None) -> str:
     return build_prompt(task, lang)
 
 
+PROMPT_CACHE_SIZE = 4096
+"""Most prompts whose token ids one loaded model keeps (the cache is cleared when full)."""
+
+
 def encode_prompt(entry: LoadedModel, prompt: str) -> list[int]:
-    """Prompt ids with eos; InputError if longer than the model's `max_text_len`."""
-    ids = entry.tokenizer.encode(prompt, add_eos=True)
+    """Prompt ids with eos (cached per model); InputError if longer than the model's `max_text_len`."""
+    ids = entry.prompt_ids.get(prompt)
+    if ids is None:
+        ids = entry.tokenizer.encode(prompt, add_eos=True)
+        if len(entry.prompt_ids) >= PROMPT_CACHE_SIZE:
+            entry.prompt_ids.clear()
+        entry.prompt_ids[prompt] = ids
     if len(ids) > entry.max_text_len:
         raise InputError(f"prompt is {len(ids)} tokens; model {entry.name!r} accepts at most "
                          f"{entry.max_text_len}")
@@ -166,21 +183,52 @@ def decode_group(entry: LoadedModel, items: list[Item]) -> list[list[int]]:
     dtype = next(model.parameters()).dtype
     pixels = torch.from_numpy(np.stack([it.pixels for it in items])).to(entry.device, dtype)  # (B, 3, H, W)
     s = max(len(it.input_ids) for it in items)
-    ids = torch.full((len(items), s), cfg.pad_token_id, dtype=torch.long)  # (B, S), right-padded
-    mask = torch.zeros((len(items), s), dtype=torch.long)
+    ids_np = np.full((len(items), s), cfg.pad_token_id, dtype=np.int64)  # (B, S), right-padded
     for i, it in enumerate(items):
-        ids[i, : len(it.input_ids)] = torch.tensor(it.input_ids)
-        mask[i, : len(it.input_ids)] = 1
+        ids_np[i, : len(it.input_ids)] = it.input_ids
+    lens = np.array([len(it.input_ids) for it in items])
+    ids = torch.from_numpy(ids_np)
+    mask = torch.from_numpy((np.arange(s)[None, :] < lens[:, None]).astype(np.int64))  # (B, S)
     out = model.generate(pixels, ids.to(entry.device), mask.to(entry.device), **params.generate_kwargs())
     return [trim(row, cfg.eos_token_id, cfg.pad_token_id) for row in out.cpu().tolist()]
 
 
+def prepare_pixels(items: list[Item]) -> list[Result | None]:
+    """Decode and resize the encoded `image` of every item without `pixels`, normalising each model's
+    images in one vectorised step; sets `pixels`. Returns, per item, a Result carrying the InputError of
+    an image that cannot be decoded (that item alone fails, with a 4xx) or None."""
+    errors: list[Result | None] = [None] * len(items)
+    todo: dict[int, tuple[LoadedModel, list[int], list[np.ndarray]]] = {}
+    for i, it in enumerate(items):
+        if it.pixels is not None:
+            continue
+        try:
+            img = decode_image(it.image or b"", it.max_image_pixels)
+            arr = resize_rgb(img, it.entry.image_size)  # (H, W, 3) uint8
+        except InputError as e:
+            errors[i] = Result(error=e)
+            continue
+        entry, idx, arrs = todo.setdefault(id(it.entry), (it.entry, [], []))
+        idx.append(i)
+        arrs.append(arr)
+    for _, idx, arrs in todo.values():
+        pixels = normalize(np.stack(arrs))  # (B, 3, H, W)
+        for i, px in zip(idx, pixels, strict=True):
+            items[i].pixels = px
+    return errors
+
+
 def decode_items(items: list[Item]) -> tuple[list[Result], list[int]]:
-    """Results in input order, and the size of every generate call made (for batching statistics)."""
+    """Results in input order, and the size of every generate call made (for batching statistics).
+
+    Items carrying encoded image bytes are decoded here first (`prepare_pixels`); one whose image is bad
+    gets a Result with its InputError and takes no part in decoding."""
+    prepared = prepare_pixels(items)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, it in enumerate(items):
-        groups[(id(it.entry), it.params)].append(i)
-    results: list[Result] = [Result() for _ in items]
+        if prepared[i] is None:
+            groups[(id(it.entry), it.params)].append(i)
+    results: list[Result] = [r if r is not None else Result() for r in prepared]
     sizes = []
     for idx in groups.values():
         entry = items[idx[0]].entry

@@ -7,7 +7,6 @@ guards a public endpoint needs before any pixel is decoded.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import warnings
@@ -31,7 +30,13 @@ def decode_base64(data: str) -> bytes:
     if data.startswith("data:"):
         _, _, data = data.partition(",")
     try:
-        return base64.b64decode("".join(data.split()), validate=True)
+        # strict C-level check first (b64decode(validate=True) runs a Python regex over the whole string);
+        # only a body with whitespace (line-wrapped base64) takes the slower path
+        return binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return binascii.a2b_base64("".join(data.split()), strict_mode=True)
     except (binascii.Error, ValueError) as e:
         raise InputError(f"image is not valid base64 ({e}); expected base64-encoded JPEG/PNG bytes") from None
 
@@ -73,3 +78,19 @@ def preprocess_image(img: Image.Image, image_size: int) -> np.ndarray:
     from pali.data.pipeline import preprocess_image as pipeline_preprocess
 
     return pipeline_preprocess(img, image_size)
+
+
+def resize_rgb(img: Image.Image, image_size: int) -> np.ndarray:
+    """uint8[image_size, image_size, 3]: RGB, square bicubic resize (the resize of `preprocess_image`)."""
+    img = img.convert("RGB")
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(img)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """float32[B, 3, H, W] in [-1, 1] from uint8[B, H, W, 3]: the normalisation of `preprocess_image`,
+    `(x / 255 - 0.5) / 0.5`, for a whole batch at once (bit-identical to doing it image by image)."""
+    x = images.astype(np.float32) / 255.0  # (B, H, W, 3)
+    x = (x - np.float32(0.5)) / np.float32(0.5)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (B, 3, H, W)

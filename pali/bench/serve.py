@@ -1,8 +1,10 @@
 """Suite `serve`: requests/s and p50/p99 latency of the Serve app with dynamic batching against batch size 1.
 
-Reuses the serving engineer's `benchmarks/serve_load.py` (one replica, the same closed-loop load of
-`concurrency` clients, batching on then off) once per repeat; every figure is the median over repeats and
-the ratio is taken within each repeat (side by side) before the median.
+Reuses the serving engineer's `benchmarks/serve_load.py`: one replica, the same closed-loop load of
+`concurrency` clients from one asyncio process, batching on and off alternating within one Ray session
+(on off, off on, ...: `repeats` rounds). Every figure is the median over rounds and the ratio is taken
+within each round (side by side) before the median. The per-request CPU of the load generator, proxy and
+replica and the machine's busy cores come from the same runs.
 """
 
 from __future__ import annotations
@@ -25,55 +27,57 @@ class ServeBenchConfig:
     concurrency: int = 32
     """Closed-loop HTTP clients."""
     duration_s: float = 10.0
-    """Seconds of load per mode and repeat."""
+    """Seconds of load per mode and round."""
     max_new_tokens: int = 8
     """Tokens generated per request."""
     max_batch_size: int = 16
     """Batch size of the dynamic-batching mode."""
     repeats: int = 1
-    """Load runs (each starts and stops Ray and Serve)."""
+    """Rounds of both modes (alternating which goes first) in one Ray session."""
     in_process_repeats: int = 3
     """Repeats of the in-process (no HTTP) batch-vs-single measurement of the replica's decode path."""
     start_attempts: int = 2
-    """Tries per load run when Ray or Serve fails to start (start-up timeouts on a loaded machine)."""
+    """Tries when Ray or Serve fails to start (start-up timeouts on a loaded machine)."""
 
 
 def run_serve(cfg: ServeBenchConfig) -> dict:
-    """Medians per mode, the throughput ratio on/off and the p99 ratio on/off."""
+    """Medians per mode, the throughput ratio on/off and the p99 ratio on/off (both per round, then median)."""
     serve_load = load_script("serve_load").main
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # On a loaded 2-core machine the HTTP proxy misses Serve's 5 s readiness check and is killed.
     for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
         os.environ.setdefault(var, "60")
-    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(cfg.repeats):
-            out = Path(tmp) / f"serve{i}.json"
-            argv = ["--concurrency", str(cfg.concurrency), "--duration", str(cfg.duration_s),
-                    "--max-new-tokens", str(cfg.max_new_tokens), "--max-batch-size", str(cfg.max_batch_size),
-                    "--torch-threads", "1", "--out", str(out)]
-            for attempt in range(cfg.start_attempts):
-                try:
-                    serve_load(argv)
-                    break
-                except Exception as e:  # a loaded machine can time out Ray's or the proxy's start-up
-                    import ray
+        out = Path(tmp) / "serve.json"
+        argv = ["--concurrency", str(cfg.concurrency), "--duration", str(cfg.duration_s), "--rounds", str(cfg.repeats),
+                "--max-new-tokens", str(cfg.max_new_tokens), "--max-batch-size", str(cfg.max_batch_size),
+                "--torch-threads", "1", "--out", str(out)]
+        for attempt in range(cfg.start_attempts):
+            try:
+                serve_load(argv)
+                break
+            except Exception as e:  # a loaded machine can time out Ray's or the proxy's start-up
+                import ray
 
-                    ray.shutdown()
-                    if attempt + 1 == cfg.start_attempts:
-                        raise
-                    print(f"[serve] load run failed ({type(e).__name__}: {e}); retrying", file=sys.stderr)
-                    time.sleep(5)
-            runs.append(json.loads(out.read_text())["results"])
+                ray.shutdown()
+                if attempt + 1 == cfg.start_attempts:
+                    raise
+                print(f"[serve] load run failed ({type(e).__name__}: {e}); retrying", file=sys.stderr)
+                time.sleep(5)
+        load = json.loads(out.read_text())
     res: dict = {"concurrency": cfg.concurrency, "duration_s": cfg.duration_s, "max_new_tokens": cfg.max_new_tokens,
-                 "max_batch_size": cfg.max_batch_size, "runs": runs}
+                 "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": load["batch_wait_timeout_s"],
+                 "rounds": cfg.repeats, "runs": load["runs"]}
     for mode in ("batching_on", "batching_off"):
-        res[mode] = {k: median([r[mode][k] for r in runs if r[mode][k] is not None])
-                     for k in ("requests_per_s", "p50_ms", "p99_ms")}
-        res[mode]["errors"] = sum(r[mode]["errors"] for r in runs)
-    res["throughput_ratio"] = median([r["batching_on"]["requests_per_s"] / r["batching_off"]["requests_per_s"]
-                                      for r in runs])
-    res["p99_ratio_on_over_off"] = median([r["batching_on"]["p99_ms"] / r["batching_off"]["p99_ms"] for r in runs])
+        res[mode] = dict(load["results"][mode])
+        mine = [r for r in load["runs"] if r["mode"] == mode and r.get("cpu")]
+        if mine:
+            res[mode]["cpu_ms_per_request"] = {k.removesuffix("_ms_per_request"): median([r["cpu"][k] for r in mine])
+                                               for k in mine[0]["cpu"] if k.endswith("_ms_per_request")}
+            res[mode]["machine_busy_cores"] = median([r["cpu"]["machine_busy_cores"] for r in mine])
+            res[mode]["load_avg_1m"] = median([r["load_avg_at_start"][0] for r in mine])
+    res["throughput_ratio"] = median(load["throughput_ratios"])
+    res["p99_ratio_on_over_off"] = median(load["p99_ratios"])
     res["in_process"] = replica_batching(cfg.max_batch_size, cfg.max_new_tokens, cfg.in_process_repeats)
     return res
 
