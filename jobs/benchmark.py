@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads for both sides of every comparison (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="batch of the train / decode / parallel suites")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per prompt (decode suite)")
-    p.add_argument("--serve-repeats", type=int, default=1, help="serve load runs (each restarts Ray and Serve)")
+    p.add_argument("--serve-repeats", type=int, default=3,
+                   help="serve load rounds (batching on, then off) in one Ray session; median of per-round ratios")
     p.add_argument("--serve-duration", type=float, default=10.0, help="seconds of load per serving mode")
     p.add_argument("--data-examples", type=int, default=768, help="synthetic examples of the data suite")
     p.add_argument("--strict", action="store_true", help="stop at the first failing suite (default: record it)")
