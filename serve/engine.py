@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pali.data.pipeline import normalize_images, resize_rgb
 from pali.data.prompts import SUPPORTED_LANGS, build_prompt
 from serve.config import TASKS
-from serve.preprocess import InputError, decode_image, normalize, resize_rgb
+from serve.preprocess import InputError, decode_image
 
 
 @dataclass
@@ -198,7 +199,7 @@ def prepare_pixels(items: list[Item]) -> list[Result | None]:
     images in one vectorised step; sets `pixels`. Returns, per item, a Result carrying the InputError of
     an image that cannot be decoded (that item alone fails, with a 4xx) or None."""
     errors: list[Result | None] = [None] * len(items)
-    todo: dict[int, tuple[LoadedModel, list[int], list[np.ndarray]]] = {}
+    todo: dict[int, tuple[list[int], list[np.ndarray]]] = {}  # model -> (item indices, images)
     for i, it in enumerate(items):
         if it.pixels is not None:
             continue
@@ -208,11 +209,11 @@ def prepare_pixels(items: list[Item]) -> list[Result | None]:
         except InputError as e:
             errors[i] = Result(error=e)
             continue
-        entry, idx, arrs = todo.setdefault(id(it.entry), (it.entry, [], []))
+        idx, arrs = todo.setdefault(id(it.entry), ([], []))
         idx.append(i)
         arrs.append(arr)
-    for _, idx, arrs in todo.values():
-        pixels = normalize(np.stack(arrs))  # (B, 3, H, W)
+    for idx, arrs in todo.values():
+        pixels = normalize_images(np.stack(arrs))  # (B, 3, H, W)
         for i, px in zip(idx, pixels, strict=True):
             items[i].pixels = px
     return errors

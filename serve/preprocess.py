@@ -78,19 +78,3 @@ def preprocess_image(img: Image.Image, image_size: int) -> np.ndarray:
     from pali.data.pipeline import preprocess_image as pipeline_preprocess
 
     return pipeline_preprocess(img, image_size)
-
-
-def resize_rgb(img: Image.Image, image_size: int) -> np.ndarray:
-    """uint8[image_size, image_size, 3]: RGB, square bicubic resize (the resize of `preprocess_image`)."""
-    img = img.convert("RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(img)
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """float32[B, 3, H, W] in [-1, 1] from uint8[B, H, W, 3]: the normalisation of `preprocess_image`,
-    `(x / 255 - 0.5) / 0.5`, for a whole batch at once (bit-identical to doing it image by image)."""
-    x = images.astype(np.float32) / 255.0  # (B, H, W, 3)
-    x = (x - np.float32(0.5)) / np.float32(0.5)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (B, 3, H, W)

@@ -131,20 +131,33 @@ def list_shards(paths: str | Sequence[str]) -> list[str]:
 
 # --- images ------------------------------------------------------------------------------------------
 
+def resize_rgb(img: Image.Image, image_size: int) -> np.ndarray:
+    """uint8[image_size, image_size, 3]: the image in RGB, bicubic-resized to a square."""
+    img = img.convert("RGB")
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(img)
+
+
+def normalize_images(images: np.ndarray, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                     std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
+    """float32[..., 3, H, W] from uint8[..., H, W, 3]: (x / 255 - mean) / std, channels first; one image or
+    a whole batch (element-wise, so a batch equals its images done one by one, bit for bit)."""
+    arr = images.astype(np.float32) / 255.0  # (..., H, W, 3)
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(arr, -1, -3))  # (..., 3, H, W)
+
+
 def preprocess_image(image: bytes | Image.Image, image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
                      std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
     """Decode (if bytes), convert to RGB, resize to a square and normalise -> float32[3, H, W].
 
-    Raises on undecodable bytes (PIL's UnidentifiedImageError / OSError); serving uses this too.
+    Raises on undecodable bytes (PIL's UnidentifiedImageError / OSError); serving uses the same
+    `resize_rgb` and `normalize_images`, batched.
     """
     img = Image.open(io.BytesIO(image)) if isinstance(image, bytes | bytearray | memoryview) else image
     img.load()
-    img = img.convert("RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
-    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, H, W)
+    return normalize_images(resize_rgb(img, image_size), mean, std)
 
 
 # --- counters ----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from serve_testlib import png_bytes
 
+from pali.data.pipeline import normalize_images, resize_rgb
 from serve.engine import (
     DecodeParams,
     Item,
@@ -18,7 +19,7 @@ from serve.engine import (
     make_prompt,
     prepare_pixels,
 )
-from serve.preprocess import InputError, decode_base64, decode_image, normalize, preprocess_image, resize_rgb
+from serve.preprocess import InputError, decode_base64, decode_image, preprocess_image
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def entry(checkpoints):
 
 def test_batch_preprocessing_is_bit_identical_to_one_image_at_a_time(entry):
     images = [decode_image(png_bytes(s, size=20 + 9 * s), 10**6) for s in range(5)]  # 20..56 px: up and down
-    batch = normalize(np.stack([resize_rgb(im, entry.image_size) for im in images]))
+    batch = normalize_images(np.stack([resize_rgb(im, entry.image_size) for im in images]))
     assert batch.shape == (5, 3, entry.image_size, entry.image_size) and batch.dtype == np.float32
     for im, px in zip(images, batch, strict=True):
         assert np.array_equal(px, preprocess_image(im, entry.image_size))
