@@ -50,6 +50,24 @@ def _ceiling(c: float | None) -> str:
     return "-" if c is None else f"{c:.2f}x"
 
 
+def _profile_table(rows: list[dict], what: str, unit: str, optimizer: bool) -> list[str]:
+    """Markdown lines of the `step_breakdown` profiles of both sides of every row that has one."""
+    prof = [r for r in rows if r.get("profile")]
+    if not prof:
+        return []
+    adamw = (" in AdamW |", "---|") if optimizer else ("", "")
+    lines = [f"Where {what}'s CPU time goes (torch.profiler, one {unit} per side):", "",
+             f"| preset | side | self-CPU s/{unit} | in GEMM kernels |{adamw[0]} aten calls/{unit} |",
+             f"|---|---|---|---|{adamw[1]}---|"]
+    for r in prof:
+        for side in ("ours", "hf"):
+            b = r["profile"][side]
+            opt = f" {100 * b['optimizer_frac']:.0f} % |" if optimizer else ""
+            lines.append(f"| {r['preset']} | {'PaLI' if side == 'ours' else 'HF'} | {b['self_cpu_s']:.3f} | "
+                         f"{100 * b['gemm_frac']:.0f} % |{opt} {b['aten_calls_per_step']:.0f} |")
+    return lines + [""]
+
+
 def _mib(b: float) -> str:
     return f"{b / 2 ** 20:.2f}"
 
@@ -88,18 +106,7 @@ def to_markdown(result: dict) -> str:
                          f"{r['speedup']:.2f}x | {100 * r['mfu_as_trainer_reports']:.2f} % | "
                          f"{100 * r['mfu_of_used_threads']:.2f} % |")
         lines.append("")
-        prof = [r for r in suites["train"] if r.get("profile")]
-        if prof:
-            lines += ["Where a step's CPU time goes (torch.profiler, one step per side):", "",
-                      "| preset | side | self-CPU s/step | in GEMM kernels | in AdamW | aten calls/step |",
-                      "|---|---|---|---|---|---|"]
-            for r in prof:
-                for side in ("ours", "hf"):
-                    b = r["profile"][side]
-                    lines.append(f"| {r['preset']} | {'PaLI' if side == 'ours' else 'HF'} | {b['self_cpu_s']:.3f} | "
-                                 f"{100 * b['gemm_frac']:.0f} % | {100 * b['optimizer_frac']:.0f} % | "
-                                 f"{b['aten_calls_per_step']:.0f} |")
-            lines.append("")
+        lines += _profile_table(suites["train"], "a step", "step", optimizer=True)
     if "decode" in suites:
         lines += ["## Decoding, KV cache vs HF `generate` (same weights, identical tokens checked)", "",
                   "| preset | mode | batch | new tokens | PaLI s/call | HF s/call | PaLI tok/s | HF tok/s | "
@@ -110,17 +117,7 @@ def to_markdown(result: dict) -> str:
                          f"{r['tokens_per_s_hf']:.0f} | {r['speedup']:.2f}x | "
                          f"{'yes' if r['tokens_identical'] else 'NO'} |")
         lines.append("")
-        prof = [r for r in suites["decode"] if r.get("profile")]
-        if prof:
-            lines += ["Where a greedy call's CPU time goes (torch.profiler, one call per side):", "",
-                      "| preset | side | self-CPU s/call | in GEMM kernels | aten calls/call |",
-                      "|---|---|---|---|---|"]
-            for r in prof:
-                for side in ("ours", "hf"):
-                    b = r["profile"][side]
-                    lines.append(f"| {r['preset']} | {'PaLI' if side == 'ours' else 'HF'} | {b['self_cpu_s']:.3f} | "
-                                 f"{100 * b['gemm_frac']:.0f} % | {b['aten_calls_per_step']:.0f} |")
-            lines.append("")
+        lines += _profile_table(suites["decode"], "a greedy call", "call", optimizer=False)
     if "data" in suites:
         d = suites["data"]
         lines += ["## Data: Ray Data pipeline vs a training worker's consumption", "",
