@@ -28,28 +28,30 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     raise ValueError(f"unknown schedule {cfg.schedule!r}; expected rsqrt, cosine or constant")
 
 
+def _by_tower(named: list[tuple[str, torch.Tensor]], cfg: TrainConfig) -> list[tuple[float, list[torch.Tensor]]]:
+    """(lr, parameters) of the text side and of the vision tower + projector (the latter at
+    lr * vision_lr_mult); empty sides left out."""
+    sides = [(cfg.lr * (cfg.vision_lr_mult if vision else 1.0),
+              [p for n, p in named if n.startswith(VISION_PREFIXES) == vision]) for vision in (False, True)]
+    return [(lr, ps) for lr, ps in sides if ps]
+
+
 def build_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay on matrices only) or Adafactor (transformers' implementation).
 
     named_params: (full parameter name, tensor) pairs as `Engine.named_parameters()` yields them. The
     vision tower and projector (`vision_tower.*`, `projector.*`) train at `cfg.lr * cfg.vision_lr_mult`.
     """
-    named = [(n, p) for n, p in named_params if p.requires_grad]
+    sides = _by_tower([(n, p) for n, p in named_params if p.requires_grad], cfg)
     if cfg.optimizer == "adamw":
-        groups = []
-        for vision in (False, True):
-            lr = cfg.lr * (cfg.vision_lr_mult if vision else 1.0)
-            for decay in (True, False):
-                ps = [p for n, p in named if n.startswith(VISION_PREFIXES) == vision and (p.dim() >= 2) == decay]
-                if ps:
-                    groups.append({"params": ps, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+        groups = [{"params": ps, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
+                  for lr, side in sides for decay in (True, False)
+                  if (ps := [p for p in side if (p.dim() >= 2) == decay])]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        groups = [{"params": [p for n, p in named if n.startswith(VISION_PREFIXES) == vision],
-                   "lr": cfg.lr * (cfg.vision_lr_mult if vision else 1.0)} for vision in (False, True)]
-        return Adafactor([g for g in groups if g["params"]], lr=cfg.lr, scale_parameter=False,
+        return Adafactor([{"params": ps, "lr": lr} for lr, ps in sides], lr=cfg.lr, scale_parameter=False,
                          relative_step=False, warmup_init=False, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adamw or adafactor")
 
