@@ -123,9 +123,9 @@ def _run_suite(suite: str, a: argparse.Namespace, suites: dict) -> None:
         suites["parallel"] = run_parallel(ParallelBenchConfig(preset=a.preset[0], batch_size=a.batch_size,
                                                               repeats=a.repeats))
     elif suite == "gpu":
-        from pali.bench.gpu import run_gpu_mfu
+        from pali.bench.gpu import run_gpu
 
-        suites["gpu_mfu"] = run_gpu_mfu(repeats=a.repeats)
+        suites["gpu"] = run_gpu()
 
 
 def main(argv: list[str] | None = None) -> int:

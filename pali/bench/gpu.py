@@ -1,18 +1,40 @@
-"""Suite `gpu`: MFU of a ~1B-parameter PaLI (ViT-L/16 + mT5-base) training step in bf16 autocast.
+"""Suite `gpu`: the CUDA paths of training and decoding on one GPU, and MFU as training reports it.
 
-Runs only where CUDA exists; elsewhere it returns a note saying it was skipped. MFU uses
-`flops_per_example` and `pali.train.metrics.peak_flops`, as the trainer reports it.
+`python -m pali.bench.gpu --out DIR` (no Ray needed) runs, in one process:
+
+1. **ceiling**: a measured bf16 matrix-product rate, next to the datasheet peak MFU is quoted against;
+2. **parity**: the training `Engine` on the GPU against a float32 CPU reference on the same weights and
+   batch: float32 (TF32 off) must agree to 1e-4, bf16 autocast is reported; the engine wrapped in DDP and
+   in FSDP2 over a one-rank nccl group must equal the unwrapped one;
+3. **train**: the tiny preset trained on a fixed batch with the trainer's optimizer, schedule and gradient
+   clipping in bf16 autocast (the loss must fall), then written with the trainer's checkpoint writer and
+   read back bit-exactly;
+4. **mfu**: examples/s, tokens/s, MFU and peak memory of the engine's train step (bf16 autocast, fused
+   AdamW) for presets up to PaLI-3B;
+5. **decode**: KV-cache greedy decoding in bf16, batch 1 against batch 32, and cache vs no-cache agreement.
+
+Every section records its own error instead of ending the run. `--device cpu` runs the same code on gloo
+at toy sizes (CI smoke test); `jobs.benchmark --suite gpu` calls `run_gpu` and adds it to its report.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
+import socket
+import tempfile
 import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import pali
-from pali.bench.common import median, synthetic_batch
-from pali.config import PaLIConfig, mt5, vit
+from pali.config import PaLIConfig, get_preset, mt5, vit
 from pali.models.pali import flops_per_example
 from pali.train.metrics import peak_flops
 
@@ -22,36 +44,452 @@ def one_b_config() -> PaLIConfig:
     return PaLIConfig(name="pali-1b-bench", vision=vit("L/16", 224), text=mt5("base"))
 
 
-def run_gpu_mfu(repeats: int = 5, batch_size: int = 16, prompt_len: int = 32, target_len: int = 32) -> dict:
-    """Examples/s and MFU of the ~1B preset on the first GPU, or {"note": ...} without one."""
-    if not torch.cuda.is_available():
-        return {"note": "skipped: no CUDA GPU on this machine (MFU of the ~1B preset needs one)"}
-    cfg = one_b_config()
-    dev = torch.device("cuda")
-    model = pali.create_model(cfg, seed=0).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = {k: v.to(dev) for k, v in synthetic_batch(cfg, batch_size, prompt_len, target_len).items()}
+def bench_config(name: str) -> PaLIConfig:
+    """A preset by name, plus `1b` (`one_b_config`)."""
+    return one_b_config() if name == "1b" else get_preset(name)
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    step()
+@dataclass
+class GpuCheckConfig:
+    """What `run_gpu` measures."""
+
+    device: str = "cuda"
+    """cuda (nccl, bf16 autocast) or cpu (gloo, float32 only: a smoke run of the same code)."""
+    mfu_runs: list[tuple[str, int, bool]] = field(default_factory=lambda: [
+        ("small", 64, False), ("base", 64, False), ("1b", 32, False), ("1b", 64, False),
+        ("pali-3b", 32, False), ("pali-3b", 64, True)])
+    """(preset, batch size, activation checkpointing) of each MFU row."""
+    prompt_len: int = 32
+    """Prompt tokens per example in the MFU and decode rows (all real, no padding)."""
+    target_len: int = 32
+    """Target tokens per example in the MFU rows."""
+    repeats: int = 6
+    """Timed steps per MFU row (after 2 warm-up steps); the median is reported."""
+    train_steps: int = 100
+    """Steps of the tiny fixed-batch training run."""
+    decode_preset: str = "pali-3b"
+    """Preset of the decode rows."""
+    decode_batches: tuple[int, ...] = (1, 32)
+    """Batch sizes of the decode rows."""
+    max_new_tokens: int = 32
+    """Tokens generated per decode row."""
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process_group(device: torch.device) -> str:
+    """A one-rank default process group on `device` (nccl on CUDA, gloo on CPU); returns the backend."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, rank=0, world_size=1, **kw)
+    return backend
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def full_batch(cfg: PaLIConfig, b: int, prompt_len: int, target_len: int, device, seed: int = 0) -> dict:
+    """A batch with every prompt and target token real (MFU counts real tokens only)."""
+    g = torch.Generator().manual_seed(seed)
+    v, t = cfg.vision, cfg.text
+    labels = torch.randint(3, t.vocab_size, (b, target_len), generator=g)
+    labels[:, -1] = t.eos_token_id
+    batch = {"pixel_values": torch.randn(b, v.channels, v.image_size, v.image_size, generator=g),
+             "input_ids": torch.randint(3, t.vocab_size, (b, prompt_len), generator=g),
+             "attention_mask": torch.ones(b, prompt_len, dtype=torch.long), "labels": labels,
+             "image_mask": torch.ones(b, dtype=torch.long)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class RandomState:
+    """A lazy full state (`keys()` / `__getitem__`) of random weights made on the device: big presets are
+    built in seconds instead of the CPU-side seeded init (the values do not change a step's speed)."""
+
+    def __init__(self, cfg: PaLIConfig, device: torch.device, seed: int = 0):
+        meta = pali.create_model(cfg, device="meta")
+        self.shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+        self.device = device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def keys(self):
+        return self.shapes.keys()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        if name.endswith("norm.weight") or ("norm" in name and name.endswith(".weight") and len(shape) == 1):
+            return torch.ones(shape, device=self.device)
+        if name.endswith(".bias"):
+            return torch.zeros(shape, device=self.device)
+        return torch.randn(shape, device=self.device, generator=self.gen) * 0.02
+
+
+def _grads(engine) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in engine.named_parameters():
+        g = p.grad
+        if g is not None:
+            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().float().cpu()
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def _section(results: dict, name: str, fn, *args) -> None:
+    """Run one section, store its result (or its error) under `name`, print a one-line summary."""
+    t0 = time.perf_counter()
+    try:
+        results[name] = fn(*args)
+    except Exception as e:  # one broken section must not hide the others
+        results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+    results[name]["seconds"] = round(time.perf_counter() - t0, 2)
+    print(f"[gpu] {name}: {json.dumps(results[name], default=str)[:600]}", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- sections ------------------------------------------------------------------------------------------
+def measure_ceiling(device: torch.device, n: int = 8192, repeats: int = 10) -> dict:
+    """Median bf16 matrix-product rate (random operands) and the datasheet peak MFU is quoted against."""
+    if device.type != "cuda":
+        return {"note": "cpu: no bf16 matrix ceiling measured", "peak_flops": peak_flops(False, 1)}
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    eps = batch_size / median(times)
-    prompt = float(batch["attention_mask"].sum()) / batch_size
-    target = float((batch["labels"] > 0).sum()) / batch_size
-    peak = peak_flops(True, 1)
-    flops = flops_per_example(cfg, prompt, target)
-    return {"preset": cfg.name, "params": model.num_parameters(), "gpu": torch.cuda.get_device_name(0),
-            "batch_size": batch_size, "examples_per_s": eps, "flops_per_example": flops, "peak_flops": peak,
-            "mfu": flops * eps / peak, "times": times}
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    rate = 2 * n ** 3 / times[len(times) // 2]
+    return {"gpu": torch.cuda.get_device_name(device), "bf16_matmul_tflops": rate / 1e12,
+            "peak_flops": peak_flops(True, 1), "measured_over_peak": rate / peak_flops(True, 1)}
+
+
+def check_parity(device: torch.device) -> dict:
+    """Engine on `device` vs a float32 CPU reference; DDP / FSDP2 (one nccl rank) vs unwrapped."""
+    from pali.parallel import Grid, build_engine
+    from pali.parallel.engine import _wrap_dp
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = get_preset("tiny").with_overrides(text__dropout_rate=0.0)
+    grid = Grid.init(dp=1, pp=1, tp=1)
+    ref = pali.create_model(cfg, seed=0).train()
+    batch = full_batch(cfg, 8, 16, 12, "cpu", seed=1)
+    batch["attention_mask"][1::2, 8:] = 0  # ragged prompts and targets
+    batch["input_ids"] *= batch["attention_mask"]
+    batch["labels"][1::2, 6:] = 0
+    out = ref(**{k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels")})
+    out.loss.backward()
+    ref_loss = float(out.loss)
+    ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
+    state = ref.state_dict()
+
+    def run(autocast, wrap=None):
+        eng = build_engine(cfg, grid, state, device=device, autocast_dtype=autocast, num_microbatches=2)
+        if wrap is not None:
+            eng.module = _wrap_dp(eng.module, grid, wrap, device)
+        eng.train()
+        res = eng.train_step({k: v.to(device) for k, v in batch.items()})
+        return res.loss, _grads(eng)
+
+    res: dict = {"reference_loss": ref_loss}
+    loss32, g32 = run(None)
+    res["fp32_loss_abs_diff"] = abs(loss32 - ref_loss)
+    res["fp32_grad_max_rel_err"] = max(_rel(g32[n], ref_grads[n]) for n in ref_grads)
+    res["fp32_ok"] = res["fp32_loss_abs_diff"] <= 1e-4 and res["fp32_grad_max_rel_err"] <= 1e-4
+    if device.type == "cuda":
+        loss16, g16 = run(torch.bfloat16)
+        res["bf16_loss_rel_diff"] = abs(loss16 - ref_loss) / abs(ref_loss)
+        res["bf16_grad_median_rel_err"] = sorted(_rel(g16[n], ref_grads[n]) for n in ref_grads)[len(ref_grads) // 2]
+        res["bf16_grad_cosine_min"] = min(float(torch.nn.functional.cosine_similarity(
+            g16[n].flatten().double(), ref_grads[n].flatten().double(), dim=0)) for n in ref_grads
+            if ref_grads[n].norm() > 0)
+    for mode in ("ddp", "fsdp"):
+        lw, gw = run(None, mode)
+        res[f"{mode}_vs_unwrapped_max_rel_err"] = max(abs(lw - loss32) / abs(loss32),
+                                                      max(_rel(gw[n], g32[n]) for n in g32))
+    res["wrapped_ok"] = all(res[f"{m}_vs_unwrapped_max_rel_err"] <= 1e-5 for m in ("ddp", "fsdp"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return res
+
+
+def check_train(device: torch.device, steps: int) -> dict:
+    """The trainer's optimizer / schedule / clipping on a fixed batch in bf16 autocast; checkpoint round trip."""
+    from pali.parallel import Grid, build_engine
+    from pali.train import checkpointing as ck
+    from pali.train.config import TrainConfig
+    from pali.train.optim import build_optimizer, build_scheduler
+
+    cfg = get_preset("tiny")
+    tcfg = TrainConfig(steps=steps, lr=1e-3, warmup_steps=10, use_gpu=device.type == "cuda")
+    grid = Grid.init(dp=1, pp=1, tp=1)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    eng = build_engine(cfg, grid, None, seed=0, device=device, autocast_dtype=autocast, num_microbatches=2)
+    named = list(eng.named_parameters())
+    opt = build_optimizer(named, tcfg)
+    sched = build_scheduler(opt, tcfg)
+    batch = full_batch(cfg, 32, 16, 12, device, seed=2)
+    eng.train()
+    losses, times = [], []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        r = eng.train_step(batch)
+        eng.clip_grad_norm_(tcfg.grad_clip)
+        opt.step()
+        sched.step()
+        eng.zero_grad()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(r.loss)
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = {"dp": 1, "pp": 1, "tp": 1, "dp_rank": 0, "pp_rank": 0, "tp_rank": 0}
+        ck.save_shard(tmp, 0, layout, eng.shard_spec(), eng.local_state_dict(), opt, named,
+                      {"step": steps, "world_size": 1, "layout": {"dp": 1, "pp": 1, "tp": 1},
+                       "model": cfg.to_dict(), "train": tcfg.to_dict(), "time": time.time()})
+        full = ck.load_full(tmp)
+        state = {k: v.detach().cpu() for k, v in eng.local_state_dict().items()}
+        exact = all(torch.equal(full["model"][k], v) for k, v in state.items())
+    times.sort()
+    return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
+            "loss_fell": losses[-1] < 0.5 * losses[0], "median_step_s": times[len(times) // 2],
+            "optimizer": type(opt).__name__, "fused": bool(opt.defaults.get("fused")),
+            "checkpoint_roundtrip_exact": exact}
+
+
+def measure_mfu(device: torch.device, preset: str, batch_size: int, ac: bool, prompt_len: int,
+                target_len: int, repeats: int) -> dict:
+    """One MFU row: the engine's train step + clipping + the trainer's AdamW, bf16 autocast on CUDA."""
+    from pali.parallel import Grid, build_engine
+    from pali.train.config import TrainConfig
+    from pali.train.optim import build_optimizer
+
+    cfg = bench_config(preset)
+    grid = Grid.init(dp=1, pp=1, tp=1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    state = RandomState(cfg, device) if device.type == "cuda" else None
+    eng = build_engine(cfg, grid, state, device=device, activation_checkpointing=ac,
+                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    del state
+    named = list(eng.named_parameters())
+    opt = build_optimizer(named, TrainConfig(lr=1e-5, use_gpu=device.type == "cuda"))
+    batch = full_batch(cfg, batch_size, prompt_len, target_len, device)
+    eng.train()
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        eng.train_step(batch)
+        eng.clip_grad_norm_(1.0)
+        opt.step()
+        eng.zero_grad()
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    step = times[len(times) // 2]
+    eps = batch_size / step
+    flops = flops_per_example(cfg, prompt_len, target_len)
+    peak = peak_flops(device.type == "cuda", 1)
+    params = sum(p.numel() for p in eng.model.parameters())
+    trainable = sum(p.numel() for _, p in named)
+    row = {"preset": cfg.name, "params": params, "trainable": trainable, "batch_size": batch_size,
+           "activation_checkpointing": ac, "freeze_vision": cfg.freeze_vision, "step_s": step,
+           "examples_per_s": eps, "tokens_per_s": eps * (cfg.vision.num_tokens + prompt_len + target_len),
+           "flops_per_example": flops, "mfu": flops * eps / peak, "peak_flops": peak}
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        row.update(planner_row(cfg, batch_size, prompt_len, target_len, ac, step))
+    del eng, opt, named
+    return row
+
+
+def planner_row(cfg: PaLIConfig, batch_size: int, prompt_len: int, target_len: int, ac: bool,
+                measured_step_s: float, gpu: str = "h200", mfu: float = 0.4) -> dict:
+    """What `jobs.plan` predicts for this one-GPU run (peak memory; step time at `mfu`) and the gaps."""
+    try:
+        from pali.plan import Geometry, PlanRequest, get_gpu
+        from pali.plan.planner import evaluate
+
+        req = PlanRequest(cfg, get_gpu(gpu), 1, 1, batch_size, Geometry(prompt_len, target_len), mfu,
+                          overhead_gb=0.0)
+        lp = evaluate(req, 1, 1, "ddp", ac, batch_size)
+    except Exception as e:  # the measurement stands without the prediction
+        return {"planner_error": f"{type(e).__name__}: {e}"}
+    return {"planner_peak_gib": lp.memory["total"] * 1e9 / 2 ** 30, "planner_step_s_at_mfu_0.4": lp.step_time_s}
+
+
+def run_mfu(gc: GpuCheckConfig, device: torch.device) -> dict:
+    rows = []
+    for preset, b, ac in gc.mfu_runs:
+        try:
+            rows.append(measure_mfu(device, preset, b, ac, gc.prompt_len, gc.target_len, gc.repeats))
+        except torch.cuda.OutOfMemoryError as e:
+            rows.append({"preset": preset, "batch_size": b, "activation_checkpointing": ac,
+                         "error": f"out of memory: {str(e)[:200]}"})
+        except Exception as e:
+            rows.append({"preset": preset, "batch_size": b, "activation_checkpointing": ac,
+                         "error": f"{type(e).__name__}: {e}"})
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"[gpu]   mfu row: {json.dumps(rows[-1], default=str)[:400]}", flush=True)
+    return {"rows": rows}
+
+
+def measure_decode(device: torch.device, gc: GpuCheckConfig) -> dict:
+    """KV-cache greedy decoding tokens/s at each batch size (bf16 weights on CUDA), and on the tiny preset
+    the fraction of tokens where the cache and the no-cache decodes agree (float32)."""
+    from pali.models.generate import generate
+
+    out: dict = {"preset": gc.decode_preset, "rows": []}
+    tiny = pali.create_model("tiny", seed=0).to(device).eval()
+    b = full_batch(tiny.cfg, 8, 12, 4, device, seed=3)
+    kw = {"pixel_values": b["pixel_values"], "input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+          "max_new_tokens": 16}
+    with_cache = generate(tiny, use_cache=True, **kw)
+    no_cache = generate(tiny, use_cache=False, **kw)
+    n = min(with_cache.shape[1], no_cache.shape[1])
+    out["cache_agreement"] = float((with_cache[:, :n] == no_cache[:, :n]).float().mean())
+    del tiny
+    cfg = bench_config(gc.decode_preset)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = pali.PaLI(cfg)
+    model = model.to(dtype).eval()
+    for bs in gc.decode_batches:
+        batch = full_batch(cfg, bs, gc.prompt_len, 4, device, seed=4)
+        kw = {"pixel_values": batch["pixel_values"].to(dtype), "input_ids": batch["input_ids"],
+              "attention_mask": batch["attention_mask"], "max_new_tokens": gc.max_new_tokens}
+        generate(model, **kw)  # warm-up
+        times, toks = [], 0
+        for _ in range(3):
+            _sync(device)
+            t0 = time.perf_counter()
+            ids = generate(model, **kw)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            toks = int((ids != cfg.text.pad_token_id).sum())
+        times.sort()
+        t = times[1]
+        out["rows"].append({"batch_size": bs, "seconds": t, "new_tokens": toks, "tokens_per_s": toks / t,
+                            "ms_per_step": 1e3 * t / max(ids.shape[1], 1)})
+    if len(out["rows"]) > 1:
+        out["batching_speedup"] = out["rows"][-1]["tokens_per_s"] / out["rows"][0]["tokens_per_s"]
+    return out
+
+
+# --- entry points --------------------------------------------------------------------------------------
+def run_gpu(gc: GpuCheckConfig | None = None) -> dict:
+    """All sections on `gc.device`; {"note": ...} when CUDA is asked for and absent."""
+    gc = gc or GpuCheckConfig()
+    if gc.device == "cuda" and not torch.cuda.is_available():
+        return {"note": "skipped: no CUDA GPU on this machine (the gpu suite needs one; --device cpu smoke-tests it)"}
+    device = torch.device(gc.device, 0) if gc.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    res: dict = {"device": gc.device, "torch": torch.__version__,
+                 "cuda": torch.version.cuda if device.type == "cuda" else None,
+                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+                 "backend": init_single_process_group(device)}
+    _section(res, "ceiling", measure_ceiling, device)
+    _section(res, "parity", check_parity, device)
+    _section(res, "train", check_train, device, gc.train_steps)
+    _section(res, "mfu", run_mfu, gc, device)
+    _section(res, "decode", measure_decode, device, gc)
+    with contextlib.suppress(Exception):
+        from pali.parallel import grid
+
+        if grid._CURRENT is not None:
+            grid._CURRENT.destroy()
+    if created:
+        dist.destroy_process_group()
+    return res
+
+
+def to_markdown(res: dict) -> str:
+    """The suite's tables."""
+    if "note" in res:
+        return res["note"]
+    lines = [f"device {res['device']}, torch {res['torch']}, CUDA {res['cuda']}, NCCL {res['nccl']}, "
+             f"backend {res['backend']}", ""]
+    c = res.get("ceiling", {})
+    if "bf16_matmul_tflops" in c:
+        lines += [f"{c['gpu']}: measured bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s; MFU below is "
+                  f"against the datasheet {c['peak_flops'] / 1e12:.0f} TFLOP/s", ""]
+    for name in ("parity", "train"):
+        r = res.get(name, {})
+        lines += [f"**{name}**: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in r.items() if k != "traceback"), ""]
+    rows = res.get("mfu", {}).get("rows", [])
+    if rows:
+        lines += ["| preset | params | trainable | batch | act. ckpt | step s | examples/s | tokens/s | MFU | "
+                  "peak GiB | planner GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['preset']} | | | {r['batch_size']} | {r['activation_checkpointing']} | "
+                             f"{r['error'][:60]} | | | | | |")
+                continue
+            lines.append(f"| {r['preset']} | {r['params'] / 1e9:.2f}B | {r['trainable'] / 1e9:.2f}B | "
+                         f"{r['batch_size']} | {'yes' if r['activation_checkpointing'] else 'no'} | "
+                         f"{r['step_s']:.3f} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+                         f"{100 * r['mfu']:.1f} % | {r.get('peak_memory_gib', float('nan')):.1f} | "
+                         f"{r.get('planner_peak_gib', float('nan')):.1f} |")
+        lines.append("")
+    d = res.get("decode", {})
+    if d.get("rows"):
+        lines += [f"decode ({d['preset']}, greedy, KV cache; cache = no-cache on "
+                  f"{100 * d['cache_agreement']:.1f} % of tiny-preset tokens)", "",
+                  "| batch | seconds | new tokens | tokens/s | ms/step |", "|---|---|---|---|---|"]
+        lines += [f"| {r['batch_size']} | {r['seconds']:.3f} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | "
+                  f"{r['ms_per_step']:.1f} |" for r in d["rows"]]
+        lines.append("")
+    errors = [f"- {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    if errors:
+        lines += ["errors:", *errors, ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pali.bench.gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/gpu", help="writes gpu.json and gpu.md here")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--quick", action="store_true", help="toy sizes (tiny preset only): a smoke run")
+    a = p.parse_args(argv)
+    gc = GpuCheckConfig(device=a.device)
+    if a.quick:
+        gc = GpuCheckConfig(device=a.device, mfu_runs=[("tiny", 8, False), ("tiny", 8, True)], repeats=2,
+                            train_steps=40, decode_preset="tiny", decode_batches=(1, 4), max_new_tokens=8,
+                            prompt_len=12, target_len=8)
+    res = run_gpu(gc)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps(res, indent=2, default=str))
+    md = to_markdown(res)
+    (out / "gpu.md").write_text(md + "\n")
+    print(md)
+    bad = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

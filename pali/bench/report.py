@@ -161,11 +161,10 @@ def to_markdown(result: dict) -> str:
         lines += [f"| {k} | {v['step_s']:.3f} | {v['examples_per_s']:.1f} |" for k, v in sc.items()]
         lines += ["", f"DP=1 -> 2 throughput: **{p['dp_speedup']:.2f}x** "
                   f"(efficiency {100 * p['dp_efficiency']:.0f} %).", ""]
-    if "gpu_mfu" in suites:
-        g = suites["gpu_mfu"]
-        lines += ["## GPU MFU", "", g["note"] if "note" in g else
-                  f"{g['preset']} ({g['params'] / 1e9:.2f}B params, bf16): {g['examples_per_s']:.1f} ex/s, "
-                  f"MFU {100 * g['mfu']:.1f} % of {g['peak_flops'] / 1e12:.0f} TFLOP/s", ""]
+    if "gpu" in suites:
+        from pali.bench.gpu import to_markdown as gpu_markdown
+
+        lines += ["## GPU (training and decoding on CUDA, bf16)", "", gpu_markdown(suites["gpu"]), ""]
     return "\n".join(lines)
 
 

@@ -73,7 +73,7 @@ def test_report_renders_every_suite_section():
               "suites": {"parallel": {"preset": "tiny", "backend": "gloo", "memory": {"TP=1": mem},
                                       "dp_scaling": {"DP=1": {"step_s": 0.5, "examples_per_s": 16.0}},
                                       "dp_speedup": 1.5, "dp_efficiency": 0.75},
-                         "gpu_mfu": {"note": "skipped: no CUDA GPU"}}}
+                         "gpu": {"note": "skipped: no CUDA GPU"}}}
     md = to_markdown(result)
     assert "| TP=1 | 1.00 | 2.00 |" in md and "1.50x" in md and "skipped: no CUDA GPU" in md
 
@@ -98,3 +98,20 @@ def test_side_by_side_timing_and_helpers():
     assert batch["attention_mask"][1, 4:].sum() == 0 and (batch["labels"][1, 3:] == 0).all()
     seqs = torch.tensor([[0, 5, 1, 7, 7], [0, 4, 4, 4, 4]])
     assert strip_hf(seqs).tolist() == [[5, 1, 0, 0], [4, 4, 4, 4]]
+
+
+def test_gpu_suite_runs_its_checks_on_cpu(tmp_path):
+    """`python -m pali.bench.gpu --device cpu --quick` runs every section of the GPU suite on gloo: the
+    engine equals the float32 reference, DDP / FSDP2 equal the unwrapped engine, the tiny fixed-batch run
+    learns and its checkpoint reads back exactly, and the MFU / decode rows are filled in."""
+    from pali.bench import gpu
+
+    assert gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["backend"] == "gloo"
+    assert res["parity"]["fp32_ok"] and res["parity"]["wrapped_ok"]
+    assert res["train"]["loss_fell"] and res["train"]["checkpoint_roundtrip_exact"]
+    rows = res["mfu"]["rows"]
+    assert len(rows) == 2 and all(0 < r["mfu"] < 1 and r["examples_per_s"] > 0 for r in rows)
+    assert res["decode"]["cache_agreement"] == 1.0 and len(res["decode"]["rows"]) == 2
+    assert "| tiny |" in (tmp_path / "gpu.md").read_text()

@@ -141,3 +141,20 @@ def test_flops_per_example_matches_flop_counter(tiny_config):
     assert abs(formula / counted - 1) < 0.03, (formula, counted)
     assert model.flops_per_example(s, t, training=False) == pytest.approx(formula / b / 3)
     assert model.estimate_mfu(10.0, s, t, 1e12) == pytest.approx(10.0 * formula / b / 1e12)
+
+
+def test_flops_per_example_counts_a_frozen_vision_tower_forward_only(tiny_config):
+    """PaLI's 224 px phase: no backward runs through the frozen ViT, and the formula must drop it too."""
+    cfg = tiny_config.with_overrides(freeze_vision=True)
+    model = create_model(cfg, seed=0)
+    model.vision_tower.requires_grad_(False)
+    b, s, t = 2, 16, 8
+    px = torch.randn(b, 3, 64, 64)
+    ids = torch.randint(3, 2048, (b, s))
+    labels = torch.randint(3, 2048, (b, t))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(px, ids, labels=labels).loss.backward()
+    counted = counter.get_total_flops()
+    formula = b * flops_per_example(cfg, s, t)
+    assert abs(formula / counted - 1) < 0.03, (formula, counted)
+    assert formula < b * flops_per_example(tiny_config, s, t)
