@@ -56,8 +56,8 @@ class GpuCheckConfig:
     device: str = "cuda"
     """cuda (nccl, bf16 autocast) or cpu (gloo, float32 only: a smoke run of the same code)."""
     mfu_runs: list[tuple[str, int, bool]] = field(default_factory=lambda: [
-        ("small", 64, False), ("base", 64, False), ("1b", 32, False), ("1b", 64, False),
-        ("pali-3b", 32, False), ("pali-3b", 64, True)])
+        ("small", 64, False), ("base", 64, False), ("1b", 64, False),
+        ("pali-3b", 32, False), ("pali-3b", 64, False), ("pali-3b", 128, True)])
     """(preset, batch size, activation checkpointing) of each MFU row."""
     prompt_len: int = 32
     """Prompt tokens per example in the MFU and decode rows (all real, no padding)."""
@@ -187,6 +187,7 @@ def check_parity(device: torch.device) -> dict:
     from pali.parallel import Grid, build_engine
     from pali.parallel.engine import _wrap_dp
 
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = get_preset("tiny").with_overrides(text__dropout_rate=0.0)
@@ -227,7 +228,7 @@ def check_parity(device: torch.device) -> dict:
         res[f"{mode}_vs_unwrapped_max_rel_err"] = max(abs(lw - loss32) / abs(loss32),
                                                       max(_rel(gw[n], g32[n]) for n in g32))
     res["wrapped_ok"] = all(res[f"{m}_vs_unwrapped_max_rel_err"] <= 1e-5 for m in ("ddp", "fsdp"))
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return res
 
 
