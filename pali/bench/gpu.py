@@ -73,6 +73,8 @@ class GpuCheckConfig:
     """Batch sizes of the decode rows."""
     max_new_tokens: int = 32
     """Tokens generated per decode row."""
+    sections: tuple[str, ...] = ("ceiling", "parity", "train", "mfu", "decode")
+    """Which sections run."""
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -83,8 +85,9 @@ def _free_port() -> int:
 
 
 def init_single_process_group(device: torch.device) -> str:
-    """A one-rank default process group on `device` (nccl on CUDA, gloo on CPU); returns the backend."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    """A one-rank default process group on `device` (nccl + gloo on CUDA, gloo on CPU); returns the backend."""
+    # As Ray Train's workers do with --use-gpu: nccl for CUDA tensors, gloo for the CPU-side bookkeeping.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -146,6 +149,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
+def _grad_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict:
+    """Relative gradient error over all parameters together, and per parameter for those whose gradient is
+    not negligible (norm >= 1e-6 of the total). Some gradients are zero in exact arithmetic, e.g. the ViT's
+    key biases (a constant added to every score of a softmax row cancels), so their computed values are
+    rounding noise that differs between kernels; a relative error of noise against noise means nothing."""
+    total = torch.sqrt(sum(r.double().pow(2).sum() for r in ref.values()))
+    diff = torch.sqrt(sum((got[n].double() - r.double()).pow(2).sum() for n, r in ref.items()))
+    per = sorted(((_rel(got[n], r), n) for n, r in ref.items() if r.double().norm() >= 1e-6 * total),
+                 reverse=True)
+    return {"global": float(diff / total), "max": per[0][0], "worst": {n: e for e, n in per[:3]},
+            "negligible": sorted(n for n, r in ref.items() if r.double().norm() < 1e-6 * total)}
+
+
 def _section(results: dict, name: str, fn, *args) -> None:
     """Run one section, store its result (or its error) under `name`, print a one-line summary."""
     t0 = time.perf_counter()
@@ -199,7 +215,7 @@ def check_parity(device: torch.device) -> dict:
     batch["labels"][1::2, 6:] = 0
     out = ref(**{k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels")})
     out.loss.backward()
-    ref_loss = float(out.loss)
+    ref_loss = float(out.loss.detach())
     ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
     state = ref.state_dict()
 
@@ -214,19 +230,18 @@ def check_parity(device: torch.device) -> dict:
     res: dict = {"reference_loss": ref_loss}
     loss32, g32 = run(None)
     res["fp32_loss_abs_diff"] = abs(loss32 - ref_loss)
-    res["fp32_grad_max_rel_err"] = max(_rel(g32[n], ref_grads[n]) for n in ref_grads)
-    res["fp32_ok"] = res["fp32_loss_abs_diff"] <= 1e-4 and res["fp32_grad_max_rel_err"] <= 1e-4
+    e32 = _grad_errors(g32, ref_grads)
+    res.update(fp32_grad_global_rel_err=e32["global"], fp32_grad_max_rel_err=e32["max"],
+               fp32_worst_grads=e32["worst"], negligible_grads=e32["negligible"])
+    res["fp32_ok"] = res["fp32_loss_abs_diff"] <= 1e-4 and e32["max"] <= 1e-4
     if device.type == "cuda":
         loss16, g16 = run(torch.bfloat16)
-        res["bf16_loss_rel_diff"] = abs(loss16 - ref_loss) / abs(ref_loss)
-        res["bf16_grad_median_rel_err"] = sorted(_rel(g16[n], ref_grads[n]) for n in ref_grads)[len(ref_grads) // 2]
-        res["bf16_grad_cosine_min"] = min(float(torch.nn.functional.cosine_similarity(
-            g16[n].flatten().double(), ref_grads[n].flatten().double(), dim=0)) for n in ref_grads
-            if ref_grads[n].norm() > 0)
+        e16 = _grad_errors(g16, ref_grads)
+        res.update(bf16_loss_rel_diff=abs(loss16 - ref_loss) / abs(ref_loss), bf16_grad_global_rel_err=e16["global"],
+                   bf16_grad_max_rel_err=e16["max"], bf16_worst_grads=e16["worst"])
     for mode in ("ddp", "fsdp"):
         lw, gw = run(None, mode)
-        res[f"{mode}_vs_unwrapped_max_rel_err"] = max(abs(lw - loss32) / abs(loss32),
-                                                      max(_rel(gw[n], g32[n]) for n in g32))
+        res[f"{mode}_vs_unwrapped_max_rel_err"] = max(abs(lw - loss32) / abs(loss32), _grad_errors(gw, g32)["max"])
     res["wrapped_ok"] = all(res[f"{m}_vs_unwrapped_max_rel_err"] <= 1e-5 for m in ("ddp", "fsdp"))
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return res
@@ -412,11 +427,12 @@ def run_gpu(gc: GpuCheckConfig | None = None) -> dict:
                  "cuda": torch.version.cuda if device.type == "cuda" else None,
                  "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                  "backend": init_single_process_group(device)}
-    _section(res, "ceiling", measure_ceiling, device)
-    _section(res, "parity", check_parity, device)
-    _section(res, "train", check_train, device, gc.train_steps)
-    _section(res, "mfu", run_mfu, gc, device)
-    _section(res, "decode", measure_decode, device, gc)
+    todo = {"ceiling": (measure_ceiling, device), "parity": (check_parity, device),
+            "train": (check_train, device, gc.train_steps), "mfu": (run_mfu, gc, device),
+            "decode": (measure_decode, device, gc)}
+    for name, (fn, *args) in todo.items():
+        if name in gc.sections:
+            _section(res, name, fn, *args)
     with contextlib.suppress(Exception):
         from pali.parallel import grid
 
@@ -439,8 +455,9 @@ def to_markdown(res: dict) -> str:
                   f"against the datasheet {c['peak_flops'] / 1e12:.0f} TFLOP/s", ""]
     for name in ("parity", "train"):
         r = res.get(name, {})
-        lines += [f"**{name}**: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in r.items() if k != "traceback"), ""]
+        if r:
+            lines += [f"**{name}**: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in r.items() if k != "traceback"), ""]
     rows = res.get("mfu", {}).get("rows", [])
     if rows:
         lines += ["| preset | params | trainable | batch | act. ckpt | step s | examples/s | tokens/s | MFU | "
@@ -475,12 +492,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/gpu", help="writes gpu.json and gpu.md here")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="toy sizes (tiny preset only): a smoke run")
+    p.add_argument("--sections", default=",".join(GpuCheckConfig.sections),
+                   help="comma-separated subset of ceiling,parity,train,mfu,decode")
     a = p.parse_args(argv)
-    gc = GpuCheckConfig(device=a.device)
+    sections = tuple(x for x in a.sections.split(",") if x)
+    unknown = set(sections) - set(GpuCheckConfig.sections)
+    if unknown:
+        p.error(f"--sections: unknown {sorted(unknown)}; expected some of {list(GpuCheckConfig.sections)}")
+    gc = GpuCheckConfig(device=a.device, sections=sections)
     if a.quick:
         gc = GpuCheckConfig(device=a.device, mfu_runs=[("tiny", 8, False), ("tiny", 8, True)], repeats=2,
                             train_steps=40, decode_preset="tiny", decode_batches=(1, 4), max_new_tokens=8,
-                            prompt_len=12, target_len=8)
+                            prompt_len=12, target_len=8, sections=sections)
     res = run_gpu(gc)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
