@@ -126,11 +126,12 @@ def serve_and_query(ckpt: str, out: Path, port: int, burst: int, timeout: float)
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
     finally:
-        os.killpg(p.pid, signal.SIGINT)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
         log.close()
         res["serve_log_tail"] = _tail((out / "serve.log").read_text(errors="replace"), 15)
     return res

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     from tests.parallel.harness import global_batch
 
     store = os.path.join(tempfile.mkdtemp(), "store")
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"  # as the GPU training workers (pali.train.trainer)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     try:
         grid = Grid.init()
         engine = build_engine(cfg, grid, seed=0, device=device, autocast_dtype=torch.bfloat16 if cuda else None,

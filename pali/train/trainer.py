@@ -168,10 +168,12 @@ def _ensure_synthetic(out_dir: str, n: int, seed: int) -> None:
     write_synthetic_shards(out_dir, num_examples=n, langs=QUICKSTART_LANGS, seed=seed, examples_per_shard=256)
 
 
-TORCH_BACKEND_GPU = "cpu:gloo,cuda:nccl"
-"""Process-group backend of GPU workers: nccl for CUDA tensors (gradients, activations, TP/PP traffic) and
-gloo for the CPU-side bookkeeping collectives (metric sums, the data position, batch hand-off within a
-replica), which nccl alone rejects ("No backend type associated with device type cpu")."""
+def torch_backend(use_gpu: bool) -> str:
+    """Process-group backend of the workers. On GPUs: nccl for CUDA tensors (gradients, activations, TP/PP
+    traffic) and gloo for the CPU-side bookkeeping collectives (metric sums, the data position, the batch
+    hand-off within a replica), which nccl alone rejects ("No backend type associated with device type
+    cpu"; seen on an H200 before this was mixed)."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
 
 
 def fit(cfg: TrainConfig, threads_per_worker: int = 1):
@@ -203,7 +205,7 @@ def fit(cfg: TrainConfig, threads_per_worker: int = 1):
     loop_config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_bytes": tok.model_proto,
                    "init_state_path": init_state_path, "threads_per_worker": threads_per_worker}
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
-                           torch_config=TorchConfig(backend=TORCH_BACKEND_GPU if cfg.use_gpu else "gloo"),
+                           torch_config=TorchConfig(backend=torch_backend(cfg.use_gpu)),
                            scaling_config=scaling, run_config=run,
                            datasets={"train": DatasetFactory(cfg, mcfg, tok, shards)},
                            dataset_config=make_data_config(cfg.tp, cfg.pp))

@@ -128,3 +128,16 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
     with pytest.raises(FileNotFoundError, match="incomplete"):
         ck.load_full(bad)
     json.loads((good / "meta.json").read_text())
+
+
+def test_gpu_workers_get_gloo_for_cpu_collectives_next_to_nccl():
+    """The loop all-reduces CPU tensors (metric sums, data position); under nccl alone that raised "No
+    backend type associated with device type cpu" on a GPU. Ray Train must get the mixed backend."""
+    from ray.train.torch.config import _is_backend_nccl
+
+    from pali.train.trainer import torch_backend
+
+    assert torch_backend(False) == "gloo"
+    backend = torch_backend(True)
+    assert dict(item.split(":") for item in backend.split(",")) == {"cpu": "gloo", "cuda": "nccl"}
+    assert _is_backend_nccl(backend)  # Ray still applies its nccl settings (async error handling)
