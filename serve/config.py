@@ -79,7 +79,7 @@ class AppArgs(BaseModel):
     is safe because the app never blocks its loop (decoding runs in a worker thread) and measured ~2x the
     batched throughput on 2 cores: requests no longer hop between two event-loop threads that contend with
     the decode thread for the GIL (docs/serving.md, "Performance")."""
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16")
     """Weights dtype on GPU (CPU always float32)."""
     max_new_tokens_limit: int = Field(64, ge=1)
     """Largest max_new_tokens a request may ask for."""

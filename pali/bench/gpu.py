@@ -481,6 +481,22 @@ def to_markdown(res: dict) -> str:
         lines += [f"| {r['batch_size']} | {r['seconds']:.3f} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | "
                   f"{r['ms_per_step']:.1f} |" for r in d["rows"]]
         lines.append("")
+    ray = res.get("ray")
+    if ray:  # recorded from benchmarks/gpu_ray_check.py (the same GPU path through Ray Train and Serve)
+        t, s = ray["train"], ray["serve"]
+        ev, last = t["eval"]["mean"], t["last_100_steps"]
+        lines += [f"**Through Ray** ({ray['command']})", "",
+                  f"- train: `{t['job']}`: trained in {t['train_seconds']} s (Ray start to consolidated "
+                  f"checkpoint), loss {t['first_loss']:.2f} -> {t['last_loss']:.2f}; last 100 steps "
+                  f"{last['step_time_s'] * 1e3:.0f} ms/step, {last['examples_per_s']:.0f} examples/s, data wait "
+                  f"{100 * last['data_wait_frac']:.1f} %",
+                  f"- held-out: loss {t['heldout_loss']:.3f}; CIDEr {ev['caption_cider']:.1f}, OCR ANLS "
+                  f"{ev['ocr_anls']:.1f}, VQA {ev['vqa_accuracy']:.1f} %",
+                  f"- serve (`python -m serve` on the checkpoint, replica device {s['stats']['device']}): "
+                  f"{s['burst']['ok']}/{s['burst']['requests']} concurrent requests answered at "
+                  f"{s['burst']['requests_per_s']:.0f} requests/s (p50 {s['burst']['p50_s']:.2f} s, p99 "
+                  f"{s['burst']['p99_s']:.2f} s, batches up to {s['burst']['max_batch_seen']}); a bad image got "
+                  f"{s['bad_request_status']}; ready {s['startup_s']:.0f} s after start", ""]
     errors = [f"- {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
     if errors:
         lines += ["errors:", *errors, ""]

@@ -237,26 +237,29 @@ class Engine:
         of row-parallel layers) once, the embedding held by two stages once, DP replicas once.
         """
         g = self.grid
-        sq = torch.zeros(1, dtype=torch.float64, device=self.device)
-        grads = []
+        grads, counted = [], []
         for name, p in self.named_parameters():
             if p.grad is None:
                 continue
-            grads.append(p.grad)
+            grads.append(_local(p.grad))
             if self.specs[name].dim is None and g.tp_rank != 0:
                 continue
             if name in self._shared and not g.is_first_stage:  # the copy on stage 0 counts
                 continue
-            sq += _local(p.grad).double().pow(2).sum()
+            counted.append(grads[-1])
+        # One multi-tensor norm kernel per dtype/device group instead of a float64 copy of every gradient
+        # (a 1.2B-parameter model's copies alone move ~20 GB per step on a GPU).
+        norms = torch._foreach_norm(counted) if counted else []
+        sq = (torch.stack(norms).double().pow(2).sum().reshape(1) if norms else
+              torch.zeros(1, dtype=torch.float64, device=self.device))
         if g.world > 1:
             dist.all_reduce(sq)
         if self.dp_mode == "ddp":
             sq /= g.dp  # every replica holds the same reduced gradients
         total = math.sqrt(float(sq.item()))
         coef = max_norm / (total + 1e-6)
-        if coef < 1.0:
-            for grad in grads:
-                _local(grad).mul_(coef)
+        if coef < 1.0 and grads:
+            torch._foreach_mul_(grads, coef)
         return total
 
     # --- state ------------------------------------------------------------------------------------

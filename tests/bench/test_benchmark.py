@@ -115,3 +115,15 @@ def test_gpu_suite_runs_its_checks_on_cpu(tmp_path):
     assert len(rows) == 2 and all(0 < r["mfu"] < 1 and r["examples_per_s"] > 0 for r in rows)
     assert res["decode"]["cache_agreement"] == 1.0 and len(res["decode"]["rows"]) == 2
     assert "| tiny |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_recorded_gpu_results_render():
+    """The committed H200 record (benchmarks/results/gpu/gpu.json) renders through the suite's own report."""
+    from pathlib import Path
+
+    from pali.bench.gpu import to_markdown as gpu_markdown
+
+    rec = json.loads((Path(__file__).parents[2] / "benchmarks/results/gpu/gpu.json").read_text())
+    md = gpu_markdown(rec)
+    assert rec["parity"]["fp32_ok"] and rec["parity"]["wrapped_ok"] and rec["train"]["loss_fell"]
+    assert "| pali-3b | 3.07B | 1.23B | 64 |" in md and "**Through Ray**" in md and "replica device cuda" in md
