@@ -169,6 +169,25 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, named_params: list[tuple
     return n
 
 
+def restore_layout_bound(optimizer: torch.optim.Optimizer, named_params: list[tuple[str, torch.Tensor]],
+                         state: LazyShardedState, rank: int) -> int:
+    """Add the layout-bound optimizer state of writer rank `rank` (see `LazyShardedState.layout_bound_optim`)
+    to `optimizer`, and that rank's own scalars (Adafactor's per-shard RMS), over the first rank's that
+    `restore_optimizer` used; call after it, only when the layout is the writer's. Returns tensors restored.
+    FSDP2 (DTensor) parameters are skipped: their state is sharded over DP, not per rank."""
+    plain = [(n, p) for n, p in named_params if not hasattr(p, "device_mesh")]
+    extra = state.layout_bound_optim(rank, [n for n, _ in plain])
+    own = state._rank_scalars.get(rank, {})
+    n = 0
+    for name, p in plain:
+        for key, val in own.get(name, {}).items():
+            optimizer.state.setdefault(p, {})[key] = torch.tensor(val, dtype=torch.float32)
+        for key, t in extra.get(name, {}).items():
+            optimizer.state.setdefault(p, {})[key] = t.to(p.device)
+            n += 1
+    return n
+
+
 def _rank_file(d: Path, r: int) -> Path:
     return d / f"rank-{r:05d}.safetensors"
 
@@ -207,12 +226,18 @@ class LazyShardedState(Mapping):
         self._model: dict[str, dict[int, tuple[int, Any]]] = {}
         # name -> key -> {tp_rank: (writer rank, spec)} for optimizer tensors shaped like the shard.
         self._optim: dict[str, dict[str, dict[int, tuple[int, Any]]]] = {}
+        # writer rank -> name -> [key] for optimizer tensors not shaped like the shard (Adafactor's factored
+        # second moments): they cannot be merged or resliced, only handed back to the same rank of the
+        # same layout.
+        self._layout_bound: dict[int, dict[str, list[str]]] = {}
+        self._rank_scalars: dict[int, dict[str, dict]] = {}  # writer rank -> its own scalar state
         for r in range(self.world):
             info = json.loads((d / f"rank-{r:05d}.json").read_text())
             self.layout = self.layout or info["layout"]
             specs = {k: ShardSpec.from_dict(v) for k, v in info["specs"].items()}
             for name, sc in info.get("optim_scalars", {}).items():
                 self.optim_scalars.setdefault(name, sc)
+            self._rank_scalars[r] = info.get("optim_scalars", {})
             with safe_open(str(_rank_file(d, r)), framework="pt") as f:
                 for key in f.keys():
                     if key.startswith("model/"):
@@ -224,6 +249,8 @@ class LazyShardedState(Mapping):
                             spec = specs[name]
                             self._optim.setdefault(name, {}).setdefault(skey, {}).setdefault(spec.tp_rank,
                                                                                               (r, spec))
+                        elif name in specs:
+                            self._layout_bound.setdefault(r, {}).setdefault(name, []).append(skey)
 
     def _read(self, key: str, name: str, chunks: dict[int, tuple[int, Any]]) -> torch.Tensor:
         from pali.parallel import merge_shards
@@ -256,6 +283,17 @@ class LazyShardedState(Mapping):
             for skey, chunks in self._optim.get(name, {}).items():
                 out.setdefault(name, {})[skey] = self._read(f"optim/{name}/{skey}", name, chunks)
         return out
+
+    def layout_bound_optim(self, rank: int, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """{name: {key: tensor}} of the optimizer state writer rank `rank` holds that is not shaped like its
+        shard (e.g. Adafactor's `exp_avg_sq_row` / `exp_avg_sq_col`). Valid only for the same rank of the
+        same layout; empty for ranks the checkpoint does not have."""
+        held = self._layout_bound.get(rank, {})
+        wanted = [n for n in names if n in held]
+        if not wanted:
+            return {}
+        with safe_open(str(_rank_file(self.dir, rank)), framework="pt") as f:
+            return {n: {k: f.get_tensor(f"optim/{n}/{k}") for k in held[n]} for n in wanted}
 
     def rng_state(self, rank: int) -> torch.Tensor | None:
         """The torch RNG state rank `rank` saved, or None (no such rank or none saved)."""

@@ -148,8 +148,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         specs = engine.shard_spec()
         for name, p in named:  # one parameter's full optimizer state at a time
             ck.restore_optimizer(opt, [(name, p)], loaded.optim_for([name]), loaded.optim_scalars, specs, slice_for)
-        if cfg.optimizer == "adafactor":
-            print("[pali] Adafactor's factored second moments restart on resume (AdamW state reshards exactly)")
+        if same_layout:  # state that cannot be resliced (Adafactor's factored moments) comes back as saved
+            ck.restore_layout_bound(opt, named, loaded, rank)
+        elif cfg.optimizer == "adafactor":
+            print("[pali] the layout changed: Adafactor's factored second moments restart (they cannot be "
+                  "resliced; AdamW state reshards exactly)")
         with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is missing
             warnings.simplefilter("ignore")
             for _ in range(start_step):
