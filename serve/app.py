@@ -176,6 +176,7 @@ class PaLIServer:
         Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels  # PIL's own guard, behind ours
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.stats = BatchStats()
+        self._active = 0  # generate requests past parsing and not yet answered (one event loop: no lock)
         self._loaded: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
         self._consecutive_failures = 0
         self._warm: LoadedModel | None = None
@@ -208,7 +209,12 @@ class PaLIServer:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate_batch(self, items: list[Item]) -> list:
         """Decode concurrently arriving requests together (grouped by model and decoding parameters)."""
+        return await self._decode(items)
+
+    async def _decode(self, items: list[Item]) -> list:
         results, sizes = await asyncio.to_thread(decode_items, items)
+        for it in items:  # Serve's batch queue keeps the last batch's arguments until the next batch:
+            it.entry, it.image, it.pixels = None, None, None  # do not let them pin an evicted model
         self.stats.record(sizes)
         # a bad image (InputError, a 4xx for its request alone) is the client's fault, not a failed decode
         failed = [r for r in results if r.error is not None and not isinstance(r.error, InputError)]
@@ -241,8 +247,19 @@ class PaLIServer:
             raise InputError("image is empty; expected JPEG/PNG bytes")
         # The image is decoded and resized inside the batch (serve.engine.prepare_pixels, one thread hop
         # per batch): per-request work on this event loop is what caps batching on small machines.
-        result = await self.generate_batch(Item(entry, None, ids, params, image=data,
-                                                max_image_pixels=self.args.max_image_pixels))
+        item = Item(entry, None, ids, params, image=data, max_image_pixels=self.args.max_image_pixels)
+        self._active += 1
+        try:
+            if self._active == 1 and self.args.max_batch_size > 1:
+                # Nothing else in flight: no batch can form, so skip the batch wait (up to
+                # batch_wait_timeout_s) a lone request would otherwise sit through.
+                self.stats.unbatched_alone += 1
+                result = (await self._decode([item]))[0]
+            else:
+                result = await self.generate_batch(item)
+        finally:
+            self._active -= 1
+        del item, entry  # an InputError raised below keeps this frame (and so the model) in its traceback
         if isinstance(result.error, InputError):
             raise result.error
         if result.error is not None:

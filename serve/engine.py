@@ -252,6 +252,8 @@ class BatchStats:
         self.sizes: dict[int, int] = defaultdict(int)
         self.requests = 0
         self.failures = 0
+        self.unbatched_alone = 0
+        """Requests decoded at once because nothing else was in flight (no batch wait)."""
         self.started = time.time()
 
     def record(self, sizes: list[int]) -> None:
@@ -265,4 +267,5 @@ class BatchStats:
         return {"requests": self.requests, "batches": sum(self.sizes.values()),
                 "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
                 "max_batch_size_seen": max(self.sizes, default=0), "failures": self.failures,
+                "unbatched_alone": self.unbatched_alone,
                 "uptime_s": round(time.time() - self.started, 3)}

@@ -61,8 +61,12 @@ def test_health_models_docs_and_demo(serve_url, checkpoints):
 def test_json_and_multipart_give_the_unbatched_answer(serve_url, checkpoints):
     img = png_bytes(7)
     req = {"image": b64(img), "task": "vqa", "lang": "de", "prompt": "welche Farbe?", "max_new_tokens": 6}
+    alone = requests.get(serve_url + "/v1/stats", timeout=30).json()["unbatched_alone"]
     r1 = post(serve_url, json=req)
     assert r1.status_code == 200, r1.text
+    # Nothing else was in flight: decoded at once instead of waiting out the batch timeout.
+    assert r1.headers["x-pali-batch-size"] == "1"
+    assert requests.get(serve_url + "/v1/stats", timeout=30).json()["unbatched_alone"] == alone + 1
     body = r1.json()
     assert set(body) == {"text", "lang", "model", "tokens"} and body["lang"] == "de" and body["model"] == "tiny"
     r2 = post(serve_url, files={"image": ("x.png", img, "image/png")},
