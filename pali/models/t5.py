@@ -28,8 +28,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same ops minus three no-op casts (per-op overhead dominates decoding)
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused op instead of six (per-op overhead dominates decoding); bit-identical on CPU here.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Variance in fp32 as the reference does, so bf16 runs stay stable.
         var = x.float().pow(2).mean(-1, keepdim=True)
         return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
