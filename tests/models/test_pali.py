@@ -121,6 +121,16 @@ def test_bad_token_ids_and_masks(tiny_model, make_batch):
         tiny_model(px, ids, mask)
 
 
+def _counted_training_flops(model, b: int, s: int, t: int) -> int:
+    """Matmul FLOPs of one forward+backward on a random batch (math SDPA, so attention is counted too)."""
+    px = torch.randn(b, 3, 64, 64)
+    ids = torch.randint(3, 2048, (b, s))
+    labels = torch.randint(3, 2048, (b, t))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(px, ids, labels=labels).loss.backward()
+    return counter.get_total_flops()
+
+
 def test_flops_per_example_matches_flop_counter(tiny_config):
     """Formula vs counted matmul FLOPs of one forward+backward (no padding: every token is real).
 
@@ -131,12 +141,7 @@ def test_flops_per_example_matches_flop_counter(tiny_config):
     """
     model = create_model(tiny_config, seed=0)
     b, s, t = 2, 16, 8
-    px = torch.randn(b, 3, 64, 64)
-    ids = torch.randint(3, 2048, (b, s))
-    labels = torch.randint(3, 2048, (b, t))
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        model(px, ids, labels=labels).loss.backward()
-    counted = counter.get_total_flops()
+    counted = _counted_training_flops(model, b, s, t)
     formula = b * flops_per_example(tiny_config, s, t)
     assert abs(formula / counted - 1) < 0.03, (formula, counted)
     assert model.flops_per_example(s, t, training=False) == pytest.approx(formula / b / 3)
@@ -149,12 +154,6 @@ def test_flops_per_example_counts_a_frozen_vision_tower_forward_only(tiny_config
     model = create_model(cfg, seed=0)
     model.vision_tower.requires_grad_(False)
     b, s, t = 2, 16, 8
-    px = torch.randn(b, 3, 64, 64)
-    ids = torch.randint(3, 2048, (b, s))
-    labels = torch.randint(3, 2048, (b, t))
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        model(px, ids, labels=labels).loss.backward()
-    counted = counter.get_total_flops()
     formula = b * flops_per_example(cfg, s, t)
-    assert abs(formula / counted - 1) < 0.03, (formula, counted)
+    assert abs(formula / _counted_training_flops(model, b, s, t) - 1) < 0.03
     assert formula < b * flops_per_example(tiny_config, s, t)
