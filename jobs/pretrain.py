@@ -121,7 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     """Train, consolidate, report."""
     cfg, a = parse_args(argv)
     init_ray(a.ray_address, a.num_cpus)
-    from pali.train.trainer import consolidate, fit, write_summary
+    from pali.train.trainer import consolidate, fit, unmet_resources, write_summary
+
+    if not a.ray_address:  # a local Ray never grows: fail now instead of waiting for resources forever
+        import ray
+
+        problem = unmet_resources(cfg, ray.cluster_resources())
+        if problem:
+            print(f"[pali] {problem}", file=sys.stderr)
+            return 2
 
     t0 = time.time()
     result, mcfg, tok = fit(cfg, threads_per_worker=a.threads_per_worker)

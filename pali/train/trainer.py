@@ -176,6 +176,23 @@ def torch_backend(use_gpu: bool) -> str:
     return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
 
 
+def unmet_resources(cfg: TrainConfig, cluster: dict[str, float]) -> str | None:
+    """Why a cluster whose resources cannot grow (a local Ray) can never start the smallest worker group
+    of `cfg`, or None. Ray Train would otherwise wait for the resources forever."""
+    need = (cfg.min_workers or cfg.tp * cfg.pp) if cfg.elastic else cfg.workers
+    per = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources, **({"GPU": 1.0} if cfg.use_gpu else {})}
+    for name, amount in per.items():
+        have = float(cluster.get(name, 0.0))
+        if need * amount > have + 1e-9:
+            fits = int(have // amount) if amount else 0
+            hint = {"GPU": f"pass --workers {fits} (a multiple of tp*pp = {cfg.tp * cfg.pp})" if fits else
+                    "drop --use-gpu or run on a machine with GPUs",
+                    "CPU": "lower --cpus-per-worker or raise --num-cpus"}.get(name, "fix --worker-resources")
+            return (f"{need} workers x {amount:g} {name} need {need * amount:g} {name} but this Ray cluster has "
+                    f"{have:g}; {hint}")
+    return None
+
+
 def fit(cfg: TrainConfig, threads_per_worker: int = 1):
     """Run (or resume) training on the current Ray cluster; returns (ray Result, model config, tokenizer)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

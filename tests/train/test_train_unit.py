@@ -141,3 +141,18 @@ def test_gpu_workers_get_gloo_for_cpu_collectives_next_to_nccl():
     backend = torch_backend(True)
     assert dict(item.split(":") for item in backend.split(",")) == {"cpu": "gloo", "cuda": "nccl"}
     assert _is_backend_nccl(backend)  # Ray still applies its nccl settings (async error handling)
+
+
+def test_unmet_resources_name_what_a_local_cluster_lacks():
+    """`python -m jobs.pretrain --use-gpu` on a local Ray without enough GPUs must say so, not wait forever."""
+    from pali.train.trainer import unmet_resources
+
+    cpu_box = {"CPU": 8.0}
+    assert unmet_resources(TrainConfig(workers=2), cpu_box) is None
+    msg = unmet_resources(TrainConfig(workers=2, use_gpu=True), cpu_box)
+    assert "2 workers x 1 GPU need 2 GPU but this Ray cluster has 0" in msg and "drop --use-gpu" in msg
+    msg = unmet_resources(TrainConfig(workers=2, use_gpu=True), {"CPU": 16.0, "GPU": 1.0})
+    assert "has 1" in msg and "--workers 1" in msg
+    assert unmet_resources(TrainConfig(workers=4, cpus_per_worker=3.0), cpu_box).startswith("4 workers x 3 CPU")
+    # elastic: the smallest group decides
+    assert unmet_resources(TrainConfig(min_workers=1, max_workers=4, use_gpu=True), {"CPU": 8, "GPU": 1}) is None
