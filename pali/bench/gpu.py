@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -78,21 +77,14 @@ class GpuCheckConfig:
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_single_process_group(device: torch.device) -> str:
     """A one-rank default process group on `device` (nccl + gloo on CUDA, gloo on CPU); returns the backend."""
     # As Ray Train's workers do with --use-gpu: nccl for CUDA tensors, gloo for the CPU-side bookkeeping.
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        store = os.path.join(tempfile.mkdtemp(prefix="pali-gpu-"), "store")  # no ports, no environment
         kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, rank=0, world_size=1, **kw)
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, **kw)
     return backend
 
 
