@@ -155,8 +155,7 @@ def flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, trainin
     Parameter counts exclude embeddings (no matmul) but include the patch embedding and the output head
     (6*d*V*T). The decoder's cross-attention keys/values are projections of the S encoder states, so
     they are counted over S, not T (2*d*inner per layer and token); this matters when S >> T.
-    With `cfg.freeze_vision` the vision tower counts forward only (2*N) and the projector 4*N. Checked
-    against `torch.utils.flop_counter.FlopCounterMode` in tests/models/test_pali.py.
+    Checked against `torch.utils.flop_counter.FlopCounterMode` in tests/models/test_pali.py.
     """
     v, t = cfg.vision, cfg.text
     p = v.num_tokens
@@ -169,11 +168,8 @@ def flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, trainin
     n_enc = t.num_layers * (attn + ff)
     n_dec = t.num_decoder_layers * (2 * attn - cross_kv + ff)
     n_proj = v.width * t.d_model
-    # A frozen tower (PaLI's 224 px phase) runs forward only: nothing before it needs a gradient. The
-    # projector then needs its weight gradient but no input gradient (4*N instead of 6*N).
-    frozen = training and cfg.freeze_vision
-    vis = (6 * n_patch * v.num_patches + 6 * n_vit * p + 12 * v.depth * v.width * p * p) / (3 if frozen else 1)
-    total = (vis + (4 if frozen else 6) * n_proj * p
+    total = (6 * n_patch * v.num_patches + 6 * n_vit * p + 12 * v.depth * v.width * p * p
+             + 6 * n_proj * p
              + 6 * n_enc * s + 12 * t.num_layers * t.inner_dim * s * s
              + 6 * n_dec * target_len + 6 * t.num_decoder_layers * cross_kv * s
              + 12 * t.num_decoder_layers * t.inner_dim * (target_len ** 2 + target_len * s)
