@@ -19,6 +19,14 @@ from torch import nn
 from pali.config import TextConfig
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that returns its input untouched when it cannot drop anything (eval mode or p = 0):
+    no dispatched no-op, which matters at ~10 calls per decoding step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, True, self.inplace) if self.training and self.p > 0 else x
+
+
 class RMSNorm(nn.Module):
     """T5's layer norm: y = x / sqrt(mean(x^2) + eps) * weight (no mean subtraction, no bias)."""
 
@@ -141,7 +149,7 @@ class FeedForward(nn.Module):
         else:
             self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -160,7 +168,7 @@ class EncoderBlock(nn.Module):
         self.self_attn = Attention(cfg, has_relative_bias, bidirectional=True)
         self.norm2 = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.mlp = FeedForward(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.self_attn(self.norm1(x), bias))
@@ -178,7 +186,7 @@ class DecoderBlock(nn.Module):
         self.cross_attn = Attention(cfg)
         self.norm3 = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.mlp = FeedForward(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(self, x: torch.Tensor, self_bias: torch.Tensor, enc: torch.Tensor | None,
                 cross_bias: torch.Tensor | None, cache: dict | None = None,
@@ -201,7 +209,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(cfg, has_relative_bias=(i == 0))
                                     for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def position_bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Relative position bias + padding mask, float[B, H, S, S]."""
@@ -226,7 +234,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(cfg, has_relative_bias=(i == 0))
                                     for i in range(cfg.num_decoder_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def self_bias(self, t: int, offset: int, total: int, device, dtype) -> torch.Tensor:
         """Causal position bias float[1, H, t, total] for queries offset..offset+t-1 over keys 0..total-1."""
