@@ -72,8 +72,10 @@ class GpuCheckConfig:
     """Batch sizes of the decode rows."""
     max_new_tokens: int = 32
     """Tokens generated per decode row."""
-    sections: tuple[str, ...] = ("ceiling", "parity", "train", "mfu", "decode")
+    sections: tuple[str, ...] = ("ceiling", "parity", "train", "mfu", "profile", "decode")
     """Which sections run."""
+    profile_run: tuple[str, int, bool] = ("pali-3b", 64, False)
+    """(preset, batch size, activation checkpointing) of the profiled step."""
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -286,30 +288,15 @@ def check_train(device: torch.device, steps: int) -> dict:
 def measure_mfu(device: torch.device, preset: str, batch_size: int, ac: bool, prompt_len: int,
                 target_len: int, repeats: int) -> dict:
     """One MFU row: the engine's train step + clipping + the trainer's AdamW, bf16 autocast on CUDA."""
-    from pali.parallel import Grid, build_engine
-    from pali.train.config import TrainConfig
-    from pali.train.optim import build_optimizer
-
     cfg = bench_config(preset)
-    grid = Grid.init(dp=1, pp=1, tp=1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    state = RandomState(cfg, device) if device.type == "cuda" else None
-    eng = build_engine(cfg, grid, state, device=device, activation_checkpointing=ac,
-                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    del state
-    named = list(eng.named_parameters())
-    opt = build_optimizer(named, TrainConfig(lr=1e-5, use_gpu=device.type == "cuda"))
-    batch = full_batch(cfg, batch_size, prompt_len, target_len, device)
-    eng.train()
+    step_fn, eng, named = _train_step_fn(device, cfg, batch_size, ac, prompt_len, target_len)
     times = []
     for i in range(repeats + 2):
         _sync(device)
         t0 = time.perf_counter()
-        eng.train_step(batch)
-        eng.clip_grad_norm_(1.0)
-        opt.step()
-        eng.zero_grad()
+        step_fn()
         _sync(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
@@ -329,8 +316,88 @@ def measure_mfu(device: torch.device, preset: str, batch_size: int, ac: bool, pr
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         row.update(planner_row(cfg, batch_size, prompt_len, target_len, ac, step))
-    del eng, opt, named
+    del eng, named, step_fn
     return row
+
+
+def _train_step_fn(device: torch.device, cfg: PaLIConfig, batch_size: int, ac: bool, prompt_len: int,
+                   target_len: int):
+    """(step(), engine, named parameters): the engine's train step + clipping + the trainer's AdamW on a
+    fixed all-real batch, bf16 autocast on CUDA (random weights made on the device there)."""
+    from pali.parallel import Grid, build_engine
+    from pali.train.config import TrainConfig
+    from pali.train.optim import build_optimizer
+
+    grid = Grid.init(dp=1, pp=1, tp=1)
+    state = RandomState(cfg, device) if device.type == "cuda" else None
+    eng = build_engine(cfg, grid, state, device=device, activation_checkpointing=ac,
+                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    del state
+    named = list(eng.named_parameters())
+    opt = build_optimizer(named, TrainConfig(lr=1e-5, use_gpu=device.type == "cuda"))
+    batch = full_batch(cfg, batch_size, prompt_len, target_len, device)
+    eng.train()
+
+    def step() -> None:
+        eng.train_step(batch)
+        eng.clip_grad_norm_(1.0)
+        opt.step()
+        eng.zero_grad()
+
+    return step, eng, named
+
+
+KERNEL_KINDS = (  # (kind, name fragments), first match wins; CUDA kernel names and CPU aten op names
+    ("attention", ("fmha", "flash", "attention", "attn")),
+    ("gemm", ("gemm", "xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "matmul",
+              "convolution", "conv2d", "convolve")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("norm / softmax / loss", ("norm", "softmax", "cross_entropy", "nll_loss", "logsumexp")),
+    ("copy / cast", ("copy", "cast", "_to_copy", "convert", "cat", "index", "memcpy", "memset")),
+    ("collectives", ("nccl", "gloo", "allreduce", "all_reduce")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a profiled kernel or operator, by its name (`KERNEL_KINDS`); 'element-wise / other'."""
+    low = name.lower()
+    return next((kind for kind, frags in KERNEL_KINDS if any(f in low for f in frags)), "element-wise / other")
+
+
+def profile_step(device: torch.device, preset: str, batch_size: int, ac: bool, prompt_len: int,
+                 target_len: int, steps: int = 2) -> dict:
+    """Where one training step's time goes: device (CUDA) or self-CPU time by kernel kind, the top kernels,
+    and on CUDA how much of the wall time the GPU was busy (the rest is host overhead or syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = bench_config(preset)
+    step_fn, eng, named = _train_step_fn(device, cfg, batch_size, ac, prompt_len, target_len)
+    for _ in range(2):
+        step_fn()
+    _sync(device)
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step_fn()
+        _sync(device)
+    wall = (time.perf_counter() - t0) / steps
+    if cuda:  # kernels only: their names carry no "aten::" and they have device time
+        events = [(e.key, e.self_device_time_total) for e in prof.key_averages()
+                  if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
+    else:
+        events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(t for _, t in events) / 1e6 / steps
+    kinds: dict[str, float] = {}
+    for name, t in events:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t / 1e6 / steps
+    top = sorted(events, key=lambda e: -e[1])[:12]
+    del eng, named, step_fn
+    return {"preset": cfg.name, "batch_size": batch_size, "activation_checkpointing": ac, "wall_s": wall,
+            "timed_s": total, "busy_fraction": total / wall if cuda else None,
+            "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": n[:120], "s": t / 1e6 / steps} for n, t in top]}
 
 
 def executed_flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, ac: bool) -> float:
@@ -433,6 +500,7 @@ def run_gpu(gc: GpuCheckConfig | None = None) -> dict:
                  "backend": init_single_process_group(device)}
     todo = {"ceiling": (measure_ceiling, device), "parity": (check_parity, device),
             "train": (check_train, device, gc.train_steps), "mfu": (run_mfu, gc, device),
+            "profile": (profile_step, device, *gc.profile_run, gc.prompt_len, gc.target_len),
             "decode": (measure_decode, device, gc)}
     for name, (fn, *args) in todo.items():
         if name in gc.sections:
@@ -478,6 +546,17 @@ def to_markdown(res: dict) -> str:
                          f"{r.get('peak_memory_gib', float('nan')):.1f} | "
                          f"{r.get('planner_peak_gib', float('nan')):.1f} |")
         lines.append("")
+    pr = res.get("profile", {})
+    if pr.get("by_kind_s"):
+        busy = "" if pr["busy_fraction"] is None else f", GPU busy {100 * pr['busy_fraction']:.0f} % of the wall time"
+        lines += [f"profile of one step ({pr['preset']}, batch {pr['batch_size']}): {pr['wall_s'] * 1e3:.0f} ms "
+                  f"wall, {pr['timed_s'] * 1e3:.0f} ms in kernels{busy}", "",
+                  "| kind | ms | share |", "|---|---|---|"]
+        lines += [f"| {k} | {v * 1e3:.1f} | {100 * v / max(pr['timed_s'], 1e-12):.0f} % |"
+                  for k, v in pr["by_kind_s"].items()]
+        lines += ["", "| top kernel | ms |", "|---|---|"]
+        lines += [f"| `{t['name'][:90]}` | {t['s'] * 1e3:.2f} |" for t in pr["top"][:8]]
+        lines.append("")
     d = res.get("decode", {})
     if d.get("rows"):
         lines += [f"decode ({d['preset']}, greedy, KV cache; cache = no-cache on "
@@ -514,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="toy sizes (tiny preset only): a smoke run")
     p.add_argument("--sections", default=",".join(GpuCheckConfig.sections),
-                   help="comma-separated subset of ceiling,parity,train,mfu,decode")
+                   help="comma-separated subset of " + ",".join(GpuCheckConfig.sections))
     a = p.parse_args(argv)
     sections = tuple(x for x in a.sections.split(",") if x)
     unknown = set(sections) - set(GpuCheckConfig.sections)
@@ -523,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     gc = GpuCheckConfig(device=a.device, sections=sections)
     if a.quick:
         gc = GpuCheckConfig(device=a.device, mfu_runs=[("tiny", 8, False), ("tiny", 8, True)], repeats=2,
+                            profile_run=("tiny", 8, False),
                             train_steps=40, decode_preset="tiny", decode_batches=(1, 4), max_new_tokens=8,
                             prompt_len=12, target_len=8, sections=sections)
     res = run_gpu(gc)

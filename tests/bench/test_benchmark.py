@@ -114,6 +114,8 @@ def test_gpu_suite_runs_its_checks_on_cpu(tmp_path):
     rows = res["mfu"]["rows"]
     assert len(rows) == 2 and all(0 < r["mfu"] < 1 and r["examples_per_s"] > 0 for r in rows)
     assert res["decode"]["cache_agreement"] == 1.0 and len(res["decode"]["rows"]) == 2
+    prof = res["profile"]  # where a step's time goes, by kernel kind (CPU: self time of aten ops)
+    assert prof["by_kind_s"]["gemm"] > 0 and 0 < sum(prof["by_kind_s"].values()) <= prof["wall_s"] * 1.5
     assert "| tiny |" in (tmp_path / "gpu.md").read_text()
 
 
