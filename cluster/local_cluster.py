@@ -114,7 +114,8 @@ class LocalCluster:
         include_dashboard: start the dashboard and job server (needed by `ray job submit`).
         object_store_mb: object store size per node in MiB (Ray's minimum is 75).
         dir: directory for Ray's temp files, logs and state.json; a fresh `/tmp/plc-*` if None.
-        startup_timeout_s: how long a node may take to start and register.
+        startup_timeout_s: how long a node may take to start and register (generous: a head with the
+            dashboard on a loaded 2-core machine has taken over 120 s).
         env: extra environment variables for every node process (and so for every task).
         keep_dir: keep `dir` (logs) after `shutdown`.
     """
@@ -128,7 +129,7 @@ class LocalCluster:
         include_dashboard: bool = False,
         object_store_mb: int = 100,
         dir: str | None = None,
-        startup_timeout_s: float = 120.0,
+        startup_timeout_s: float = 300.0,
         env: dict[str, str] | None = None,
         keep_dir: bool = False,
     ) -> None:
