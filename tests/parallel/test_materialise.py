@@ -64,6 +64,27 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _save(path: Path, rank: int, world: int, step: int, engine, opt, named) -> Path:
+    """This rank's part of a TP=2 training checkpoint at `path` (rank 0 adds the metadata); all ranks wait."""
+    ck.save_shard(path, rank, {"dp": 1, "pp": 1, "tp": 2}, engine.shard_spec(), engine.local_state_dict(), opt,
+                  named, meta={"world_size": world, "step": step} if rank == 0 else None)
+    dist.barrier()
+    return path
+
+
+def _resume(path: Path, cfg, grid, seed: int, make_opt):
+    """(lazy reader, engine, named parameters, optimizer) rebuilt from checkpoint `path` through
+    `LazyShardedState`, the optimizer's state restored one parameter at a time."""
+    lazy = ck.LazyShardedState(path)
+    engine = build_engine(cfg, grid, lazy, seed=seed)
+    named = list(engine.named_parameters())
+    opt = make_opt(named)
+    specs = engine.shard_spec()
+    for name, p in named:
+        ck.restore_optimizer(opt, [(name, p)], lazy.optim_for([name]), lazy.optim_scalars, specs, slice_for)
+    return lazy, engine, named, opt
+
+
 def _worker(rank: int, world: int, out_dir: str) -> None:
     cfg = get_preset("tiny")
     grid = Grid.init(tp=2)
@@ -86,20 +107,13 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     opt = torch.optim.AdamW([p for _, p in named], lr=1e-3)
     engine.train().train_step(global_batch(cfg))
     opt.step()
-    ckpt = Path(out_dir) / "ckpt"
-    ck.save_shard(ckpt, rank, {"dp": 1, "pp": 1, "tp": 2}, specs, engine.local_state_dict(), opt, named,
-                  meta={"world_size": world, "step": 1} if rank == 0 else None)
-    dist.barrier()
+    ckpt = _save(Path(out_dir) / "ckpt", rank, world, 1, engine, opt, named)
 
     # Resume through the lazy reader: same shards, optimizer restored one parameter at a time.
-    lazy = ck.LazyShardedState(ckpt)
-    again = build_engine(cfg, grid, lazy, seed=SEED + 1)
+    _, again, named2, opt2 = _resume(ckpt, cfg, grid, SEED + 1,
+                                     lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-3))
     now, before = again.local_state_dict(), engine.local_state_dict()
     assert all(torch.equal(now[n], before[n]) for n in specs), "resumed shards differ from the saved ones"
-    named2 = list(again.named_parameters())
-    opt2 = torch.optim.AdamW([p for _, p in named2], lr=1e-3)
-    for name, p in named2:
-        ck.restore_optimizer(opt2, [(name, p)], lazy.optim_for([name]), lazy.optim_scalars, specs, slice_for)
     for (name, p), (_, q) in zip(named, named2, strict=True):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt.state[p][key].float(), opt2.state[q][key].float()), f"{name}/{key}"
@@ -115,16 +129,8 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         again.train_step(global_batch(cfg))
         opt3.step()
         again.zero_grad()
-    ckpt2 = Path(out_dir) / "ckpt-adafactor"
-    ck.save_shard(ckpt2, rank, {"dp": 1, "pp": 1, "tp": 2}, specs, again.local_state_dict(), opt3, named2,
-                  meta={"world_size": world, "step": 2} if rank == 0 else None)
-    dist.barrier()
-    lazy2 = ck.LazyShardedState(ckpt2)
-    third = build_engine(cfg, grid, lazy2, seed=SEED + 2)
-    named3 = list(third.named_parameters())
-    opt4 = build_optimizer(named3, tcfg)
-    for name, p in named3:
-        ck.restore_optimizer(opt4, [(name, p)], lazy2.optim_for([name]), lazy2.optim_scalars, specs, slice_for)
+    ckpt2 = _save(Path(out_dir) / "ckpt-adafactor", rank, world, 2, again, opt3, named2)
+    lazy2, third, named3, opt4 = _resume(ckpt2, cfg, grid, SEED + 2, lambda named: build_optimizer(named, tcfg))
     assert ck.restore_layout_bound(opt4, named3, lazy2, rank) > 0
     for (name, p), (_, q) in zip(named2, named3, strict=True):
         assert set(opt3.state[p]) == set(opt4.state[q]), name
