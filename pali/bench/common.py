@@ -81,11 +81,13 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int, warmup
     return out
 
 
-def synthetic_batch(cfg, batch_size: int, prompt_len: int, target_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def synthetic_batch(cfg, batch_size: int, prompt_len: int, target_len: int, seed: int = 0,
+                    ragged: bool = True) -> dict[str, torch.Tensor]:
     """A deterministic training batch: images, right-padded prompts and ragged targets (0 = pad).
 
     Prompt lengths cycle between prompt_len and prompt_len // 2, target lengths between target_len and
-    target_len // 2, so both sides must handle padding.
+    target_len // 2, so both sides must handle padding. ragged=False: every token real, every target
+    ending in eos (what MFU counts).
     """
     g = torch.Generator().manual_seed(seed)
     v, t = cfg.vision, cfg.text
@@ -93,7 +95,7 @@ def synthetic_batch(cfg, batch_size: int, prompt_len: int, target_len: int, seed
     mask = torch.ones_like(ids)
     labels = torch.randint(3, t.vocab_size, (batch_size, target_len), generator=g)
     for i in range(batch_size):
-        if i % 2:
+        if ragged and i % 2:
             mask[i, max(1, prompt_len // 2):] = 0
             labels[i, max(1, target_len // 2):] = 0
         else:

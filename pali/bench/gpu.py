@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 import pali
+from pali.bench.common import median, synthetic_batch
 from pali.config import PaLIConfig, get_preset, mt5, vit
 from pali.models.pali import flops_per_example
 from pali.train.metrics import peak_flops
@@ -96,15 +97,8 @@ def _sync(device: torch.device) -> None:
 
 
 def full_batch(cfg: PaLIConfig, b: int, prompt_len: int, target_len: int, device, seed: int = 0) -> dict:
-    """A batch with every prompt and target token real (MFU counts real tokens only)."""
-    g = torch.Generator().manual_seed(seed)
-    v, t = cfg.vision, cfg.text
-    labels = torch.randint(3, t.vocab_size, (b, target_len), generator=g)
-    labels[:, -1] = t.eos_token_id
-    batch = {"pixel_values": torch.randn(b, v.channels, v.image_size, v.image_size, generator=g),
-             "input_ids": torch.randint(3, t.vocab_size, (b, prompt_len), generator=g),
-             "attention_mask": torch.ones(b, prompt_len, dtype=torch.long), "labels": labels,
-             "image_mask": torch.ones(b, dtype=torch.long)}
+    """`synthetic_batch` with every prompt and target token real (MFU counts real tokens only), on `device`."""
+    batch = synthetic_batch(cfg, b, prompt_len, target_len, seed=seed, ragged=False)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -123,7 +117,7 @@ class RandomState:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]
-        if name.endswith("norm.weight") or ("norm" in name and name.endswith(".weight") and len(shape) == 1):
+        if "norm" in name and name.endswith(".weight") and len(shape) == 1:
             return torch.ones(shape, device=self.device)
         if name.endswith(".bias"):
             return torch.zeros(shape, device=self.device)
@@ -186,8 +180,7 @@ def measure_ceiling(device: torch.device, n: int = 8192, repeats: int = 10) -> d
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
-    times.sort()
-    rate = 2 * n ** 3 / times[len(times) // 2]
+    rate = 2 * n ** 3 / median(times)
     return {"gpu": torch.cuda.get_device_name(device), "bf16_matmul_tflops": rate / 1e12,
             "peak_flops": peak_flops(True, 1), "measured_over_peak": rate / peak_flops(True, 1)}
 
@@ -203,11 +196,8 @@ def check_parity(device: torch.device) -> dict:
     cfg = get_preset("tiny").with_overrides(text__dropout_rate=0.0)
     grid = Grid.init(dp=1, pp=1, tp=1)
     ref = pali.create_model(cfg, seed=0).train()
-    batch = full_batch(cfg, 8, 16, 12, "cpu", seed=1)
-    batch["attention_mask"][1::2, 8:] = 0  # ragged prompts and targets
-    batch["input_ids"] *= batch["attention_mask"]
-    batch["labels"][1::2, 6:] = 0
-    out = ref(**{k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels")})
+    batch = synthetic_batch(cfg, 8, 16, 12, seed=1)  # ragged prompts and targets
+    out = ref(**batch)
     out.loss.backward()
     ref_loss = float(out.loss.detach())
     ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
@@ -278,9 +268,8 @@ def check_train(device: torch.device, steps: int) -> dict:
         full = ck.load_full(tmp)
         state = {k: v.detach().cpu() for k, v in eng.local_state_dict().items()}
         exact = all(torch.equal(full["model"][k], v) for k, v in state.items())
-    times.sort()
     return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
-            "loss_fell": losses[-1] < 0.5 * losses[0], "median_step_s": times[len(times) // 2],
+            "loss_fell": losses[-1] < 0.5 * losses[0], "median_step_s": median(times),
             "optimizer": type(opt).__name__, "fused": bool(opt.defaults.get("fused")),
             "checkpoint_roundtrip_exact": exact}
 
@@ -300,8 +289,7 @@ def measure_mfu(device: torch.device, preset: str, batch_size: int, ac: bool, pr
         _sync(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    times.sort()
-    step = times[len(times) // 2]
+    step = median(times)
     eps = batch_size / step
     flops = flops_per_example(cfg, prompt_len, target_len)
     executed = executed_flops_per_example(cfg, prompt_len, target_len, ac)
@@ -315,7 +303,7 @@ def measure_mfu(device: torch.device, preset: str, batch_size: int, ac: bool, pr
            "executed_flops_per_example": executed, "executed_utilization": executed * eps / peak}
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        row.update(planner_row(cfg, batch_size, prompt_len, target_len, ac, step))
+        row.update(planner_row(cfg, batch_size, prompt_len, target_len, ac))
     del eng, named, step_fn
     return row
 
@@ -391,7 +379,8 @@ def profile_step(device: torch.device, preset: str, batch_size: int, ac: bool, p
     total = sum(t for _, t in events) / 1e6 / steps
     kinds: dict[str, float] = {}
     for name, t in events:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t / 1e6 / steps
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t / 1e6 / steps
     top = sorted(events, key=lambda e: -e[1])[:12]
     del eng, named, step_fn
     return {"preset": cfg.name, "batch_size": batch_size, "activation_checkpointing": ac, "wall_s": wall,
@@ -411,8 +400,8 @@ def executed_flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int
 
 
 def planner_row(cfg: PaLIConfig, batch_size: int, prompt_len: int, target_len: int, ac: bool,
-                measured_step_s: float, gpu: str = "h200", mfu: float = 0.4) -> dict:
-    """What `jobs.plan` predicts for this one-GPU run (peak memory; step time at `mfu`) and the gaps."""
+                gpu: str = "h200", mfu: float = 0.4) -> dict:
+    """What `jobs.plan` predicts for this one-GPU run: peak memory, and the step time at `mfu`."""
     try:
         from pali.plan import Geometry, PlanRequest, get_gpu
         from pali.plan.planner import evaluate
@@ -430,12 +419,9 @@ def run_mfu(gc: GpuCheckConfig, device: torch.device) -> dict:
     for preset, b, ac in gc.mfu_runs:
         try:
             rows.append(measure_mfu(device, preset, b, ac, gc.prompt_len, gc.target_len, gc.repeats))
-        except torch.cuda.OutOfMemoryError as e:
+        except Exception as e:  # out of memory included: the other rows still run
             rows.append({"preset": preset, "batch_size": b, "activation_checkpointing": ac,
-                         "error": f"out of memory: {str(e)[:200]}"})
-        except Exception as e:
-            rows.append({"preset": preset, "batch_size": b, "activation_checkpointing": ac,
-                         "error": f"{type(e).__name__}: {e}"})
+                         "error": f"{type(e).__name__}: {str(e)[:200]}"})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         print(f"[gpu]   mfu row: {json.dumps(rows[-1], default=str)[:400]}", flush=True)
@@ -475,8 +461,7 @@ def measure_decode(device: torch.device, gc: GpuCheckConfig) -> dict:
             _sync(device)
             times.append(time.perf_counter() - t0)
             toks = int((ids != cfg.text.pad_token_id).sum())
-        times.sort()
-        t = times[1]
+        t = median(times)
         out["rows"].append({"batch_size": bs, "seconds": t, "new_tokens": toks, "tokens_per_s": toks / t,
                             "ms_per_step": 1e3 * t / max(ids.shape[1], 1)})
     if len(out["rows"]) > 1:
