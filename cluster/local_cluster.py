@@ -158,6 +158,7 @@ class LocalCluster:
         """`http://127.0.0.1:<port>` of the dashboard / job server, if `include_dashboard`."""
         self.nodes: list[LocalNode] = []
         self._procs: dict[str, subprocess.Popen] = {}
+        self._log_start: dict[str, int] = {}
         self._next_worker = 1
 
     # ------------------------------------------------------------------ lifecycle
@@ -257,13 +258,15 @@ class LocalCluster:
                 node = self._launch(name, cpus, resources, args, is_head=False)
                 try:
                     self._wait_started(node)
-                    self._wait_registered([name])
+                    self._wait_registered([node])
                     break
-                except (RuntimeError, TimeoutError):
+                except (RuntimeError, TimeoutError) as e:
                     self._stop_node(node, graceful=False)
                     self.nodes.remove(node)
                     if attempt == 2:
                         raise
+                    print(f"local cluster: {name} start attempt {attempt + 1} failed, retrying: {e}",
+                          file=sys.stderr)
             new.append(node)
             self._save()
         return new
@@ -357,38 +360,39 @@ class LocalCluster:
                 "--ray-client-server-port", str(free_port()),
                 "--dashboard-agent-listen-port", str(free_port()),
             ]
+            address_file = os.path.join(self.dir, "ray", "ray_current_cluster")
+            if os.path.exists(address_file):  # a failed attempt's address must never be read as this one's
+                os.remove(address_file)
             head = self._launch("head", self.head_cpus, None, args, is_head=True)
             try:
                 self._wait_started(head)
-                address_file = os.path.join(self.dir, "ray", "ray_current_cluster")
                 self.address = Path(address_file).read_text().strip()
-                self._wait_registered(["head"])
+                self._wait_registered([head])
+                if self.include_dashboard:
+                    self._wait_http(f"http://127.0.0.1:{dash_port}/api/version", head)
                 break
-            except (RuntimeError, TimeoutError, FileNotFoundError):
+            except (RuntimeError, TimeoutError, FileNotFoundError) as e:
                 self._stop_node(head, graceful=False)
                 self.nodes.remove(head)
                 self.address = None
                 if attempt == 2:
                     raise
+                print(f"local cluster: head start attempt {attempt + 1} failed, retrying: {e}", file=sys.stderr)
         if self.include_dashboard:
             self.dashboard_url = f"http://127.0.0.1:{dash_port}"
-            self._wait_http(self.dashboard_url + "/api/version")
         self._save()
 
     def _launch(self, name: str, num_cpus: int, resources: dict[str, float] | None,
                 extra: list[str], is_head: bool) -> LocalNode:
         res = {f"node:{name}": 1.0, **(resources or {})}
         log_path = os.path.join(self.dir, "logs", f"{name}.out")
-        cmd = [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
-            "--num-cpus", str(num_cpus), "--num-gpus", "0", "--resources", json.dumps(res),
-            "--object-store-memory", str(self.object_store_mb * 1024 * 1024),
-            "--min-worker-port", "0", "--max-worker-port", "0",
-            "--node-manager-port", "0", "--object-manager-port", "0", *extra,
-        ]
+        cmd = self._node_command(num_cpus, res, extra)
         env = {**os.environ, **BASE_ENV, **self.env, "RAY_TMPDIR": self.dir,
                MARKER_ENV: self._marker(name)}
         env.pop("RAY_ADDRESS", None)  # a worker joins the address given on its command line only
+        # The log is appended to across retries of a node: remember where this launch's output starts,
+        # so a retry never mistakes the previous attempt's "Ray runtime started." for its own.
+        self._log_start[name] = os.path.getsize(log_path) if os.path.exists(log_path) else 0
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, start_new_session=True)
@@ -398,39 +402,81 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
+    def _node_command(self, num_cpus: int, resources: dict[str, float], extra: list[str]) -> list[str]:
+        """The `ray start --block` command line of one node."""
+        return [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+            "--num-cpus", str(num_cpus), "--num-gpus", "0", "--resources", json.dumps(resources),
+            "--object-store-memory", str(self.object_store_mb * 1024 * 1024),
+            "--min-worker-port", "0", "--max-worker-port", "0",
+            "--node-manager-port", "0", "--object-manager-port", "0", *extra,
+        ]
+
     def _marker(self, name: str) -> str:
         return f"{self.dir}:{name}"
+
+    def _launch_log(self, node: LocalNode) -> str:
+        """What this launch of `node` has printed so far (not earlier attempts')."""
+        with open(node.log_path, "rb") as f:
+            f.seek(self._log_start.get(node.name, 0))
+            return f.read().decode(errors="replace")
+
+    def _exited(self, node: LocalNode) -> int | None:
+        """The exit code of the node's `ray start --block`, or None while it runs."""
+        proc = self._procs.get(node.name)
+        return proc.poll() if proc is not None else (None if node.is_running() else -1)
+
+    def _diagnosis(self, node: LocalNode) -> str:
+        """The node's `ray start` output and the last lines of the Ray component logs that name an error."""
+        parts = [f"log {node.log_path}:\n{tail(self._launch_log(node))}"]
+        logs = Path(self.dir or "", "ray", "session_latest", "logs")
+        for name in ("gcs_server.err", "gcs_server.out", "raylet.err", "raylet.out", "dashboard.err",
+                     "dashboard.log", "monitor.err"):
+            path = logs / name
+            if not path.is_file():
+                continue
+            lines = [ln for ln in path.read_text(errors="replace").splitlines()
+                     if any(m in ln for m in (" E ", " F ", "ERROR", "Error", "Traceback", "Check failed"))]
+            if lines:
+                parts.append(f"{path}:\n{tail(chr(10).join(lines), 15)}")
+        return "\n".join(parts)
 
     def _wait_started(self, node: LocalNode) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
-            text = Path(node.log_path).read_text(errors="replace")
-            if _STARTED_MARK in text:
+            if _STARTED_MARK in self._launch_log(node):
                 return
-            proc = self._procs.get(node.name)
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"node {node.name} exited with code {proc.returncode} while starting; "
-                                   f"log {node.log_path}:\n{tail(text)}")
+            code = self._exited(node)
+            if code is not None:
+                raise RuntimeError(f"node {node.name} exited with code {code} while starting; "
+                                   f"{self._diagnosis(node)}")
             time.sleep(0.2)
         raise TimeoutError(f"node {node.name} did not start within {self.startup_timeout_s}s; "
-                           f"log {node.log_path}:\n{tail(Path(node.log_path).read_text(errors='replace'))}")
+                           f"{self._diagnosis(node)}")
 
     def _node_ids(self) -> dict[str, str]:
         return {row["name"]: row["node_id"] for row in self.node_table() if row["alive"] and row["name"]}
 
-    def _wait_registered(self, names: list[str]) -> None:
+    def _wait_registered(self, nodes: list[LocalNode]) -> None:
+        """Wait until the GCS lists every node alive; fail at once if a node's `ray start --block` exits
+        (it does when any of its Ray processes dies, e.g. a dashboard that crashed after start-up)."""
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
+            for node in nodes:  # first: asking a dead GCS blocks for ~40 s
+                code = self._exited(node)
+                if code is not None:
+                    raise RuntimeError(f"node {node.name} exited with code {code} before registering with "
+                                       f"the GCS at {self.address}; {self._diagnosis(node)}")
             try:
-                if set(names) <= set(self._node_ids()):
+                if {n.name for n in nodes} <= set(self._node_ids()):
                     return
             except Exception:  # noqa: BLE001 - the GCS may still be coming up; retry until the deadline
                 pass
             time.sleep(0.3)
-        raise TimeoutError(f"nodes {names} did not register with the GCS at {self.address} "
-                           f"within {self.startup_timeout_s}s")
+        raise TimeoutError(f"nodes {[n.name for n in nodes]} did not register with the GCS at {self.address} "
+                           f"within {self.startup_timeout_s}s; {self._diagnosis(nodes[0])}")
 
-    def _wait_http(self, url: str) -> None:
+    def _wait_http(self, url: str, node: LocalNode) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -440,8 +486,13 @@ class LocalCluster:
                         return
             except Exception as e:  # noqa: BLE001 - connection refused until the dashboard binds
                 last = e
+            code = self._exited(node)
+            if code is not None:
+                raise RuntimeError(f"node {node.name} exited with code {code} before {url} answered; "
+                                   f"{self._diagnosis(node)}")
             time.sleep(0.3)
-        raise TimeoutError(f"{url} did not answer within {self.startup_timeout_s}s: {last}")
+        raise TimeoutError(f"{url} did not answer within {self.startup_timeout_s}s: {last}; "
+                           f"{self._diagnosis(node)}")
 
     def _resolve(self, node: int | str | LocalNode) -> LocalNode:
         if isinstance(node, LocalNode):

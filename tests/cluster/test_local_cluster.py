@@ -101,3 +101,38 @@ def test_bad_arguments_are_rejected():
         LocalCluster(dir="/tmp/" + "x" * 60)
     with pytest.raises(FileNotFoundError, match="no local cluster"):
         LocalCluster.attach("/tmp/plc-does-not-exist")
+
+
+class _HeadThatDiesAfterStarting(LocalCluster):
+    """The first head launch prints Ray's start-up banner, writes a GCS address and exits, as a `ray start
+    --block` does when one of its processes (the dashboard, say) dies just after start-up."""
+
+    launches = 0
+
+    def _node_command(self, num_cpus, resources, extra):
+        type(self).launches += 1
+        if type(self).launches > 1:
+            return super()._node_command(num_cpus, resources, extra)
+        address_file = os.path.join(self.dir, "ray", "ray_current_cluster")
+        fake = (f"import os; os.makedirs({os.path.dirname(address_file)!r}, exist_ok=True); "
+                f"open({address_file!r}, 'w').write('127.0.0.1:9'); "
+                "print('Ray runtime started.', flush=True); raise SystemExit(3)")
+        return [sys.executable, "-c", fake]
+
+
+@pytest.mark.slow
+def test_a_head_that_exits_after_start_up_is_retried_cleanly(capfd):
+    """A head whose `ray start` exits after printing "Ray runtime started." fails its attempt at once (not
+    after the start-up timeout), and the retry waits for its own banner and reads its own GCS address, not
+    the dead attempt's (the log is appended to across attempts)."""
+    cluster = _HeadThatDiesAfterStarting(num_workers=0, head_cpus=1, include_dashboard=True,
+                                         startup_timeout_s=120)
+    try:
+        cluster.start()
+        assert cluster.address != "127.0.0.1:9" and cluster.head.is_running()
+        assert _HeadThatDiesAfterStarting.launches == 2
+        err = capfd.readouterr().err
+        assert "head start attempt 1 failed" in err and "exited with code 3" in err
+        run_driver(cluster.address, "import ray; ray.init(); assert ray.cluster_resources()['CPU'] == 1")
+    finally:
+        cluster.shutdown()
