@@ -39,6 +39,33 @@ def question_type(row: dict) -> str:
     return "colour" if any(row["answer"] == gram.a_colour(c) for c in synthetic.COLOURS) else "shape"
 
 
+def pretrain_vit(vit: torch.nn.Module, image: int, examples: int, steps: int) -> None:
+    """Classification pretraining of the tower on the training images' labels (shapes, colours, count)."""
+    import torch.nn.functional as F
+
+    try:
+        from benchmarks.grounding.vit_probe import scenes
+    except ImportError:  # run as a script: its directory is on sys.path
+        from vit_probe import scenes
+
+    x, shapes, colours, counts = scenes(examples, 0, image)
+    head = torch.nn.Linear(vit.cfg.width, 6 + 6 + 3)
+    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 100, (100 / (s + 1)) ** 0.5))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, examples, (32,), generator=gen)
+        out = head(vit(x[idx]).mean(1))
+        loss = (F.binary_cross_entropy_with_logits(out[:, :6], shapes[idx])
+                + F.binary_cross_entropy_with_logits(out[:, 6:12], colours[idx])
+                + F.cross_entropy(out[:, 12:], counts[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    print(f"ViT pretrained for {steps} steps (last loss {loss.item():.3f})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1000)
@@ -48,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patch", type=int, default=8)
     p.add_argument("--examples", type=int, default=4096)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--pretrain-vit", type=int, default=0, metavar="STEPS",
+                   help="first train the ViT alone on the scenes' labels for STEPS steps (vit_probe.py's task)")
+    p.add_argument("--freeze-vision", action="store_true", help="then keep the ViT frozen (PaLI's main phase)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -67,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         return {k: torch.from_numpy(v) for k, v in arrays.items()} | {"pixel_values": torch.from_numpy(pixels)}, exs
 
     model = pali.create_model(cfg, seed=0)
+    if a.pretrain_vit:
+        pretrain_vit(model.vision_tower, a.image, a.examples, a.pretrain_vit)
+    if a.freeze_vision:
+        model.freeze_vision()
     tc = TrainConfig(steps=a.steps, lr=a.lr, vision_lr_mult=a.vision_lr_mult)
     opt = build_optimizer(model.named_parameters(), tc)
     sched = build_scheduler(opt, tc)
