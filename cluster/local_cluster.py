@@ -51,6 +51,7 @@ BASE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 _STARTED_MARK = "Ray runtime started."
+_BOOT_ATTEMPTS = 3  # a loaded machine (or a port taken meanwhile) can fail a node's boot
 _NODE_RESOURCE = re.compile(r"^node:(head|worker-\d+)$")
 _MAX_SOCKET_DIR = 40  # AF_UNIX paths are limited to 107 bytes; Ray adds ~60 below the temp dir.
 
@@ -114,8 +115,8 @@ class LocalCluster:
         include_dashboard: start the dashboard and job server (needed by `ray job submit`).
         object_store_mb: object store size per node in MiB (Ray's minimum is 75).
         dir: directory for Ray's temp files, logs and state.json; a fresh `/tmp/plc-*` if None.
-        startup_timeout_s: how long a node may take to start and register (generous: a head with the
-            dashboard on a loaded 2-core machine has taken over 120 s).
+        startup_timeout_s: how long a node may take to start and register (each of its three attempts;
+            an attempt whose `ray start` exits fails at once).
         env: extra environment variables for every node process (and so for every task).
         keep_dir: keep `dir` (logs) after `shutdown`.
     """
@@ -251,7 +252,7 @@ class LocalCluster:
             name = f"worker-{self._next_worker}"
             self._next_worker += 1
             cpus = self.cpus_per_node if num_cpus is None else num_cpus
-            for attempt in range(3):
+            for attempt in range(_BOOT_ATTEMPTS):
                 # One log monitor per machine (the head's) already tails every node's worker logs.
                 args = ["--address", self.address, "--dashboard-agent-listen-port", str(free_port()),
                         "--include-log-monitor", "false"]
@@ -261,12 +262,7 @@ class LocalCluster:
                     self._wait_registered([node])
                     break
                 except (RuntimeError, TimeoutError) as e:
-                    self._stop_node(node, graceful=False)
-                    self.nodes.remove(node)
-                    if attempt == 2:
-                        raise
-                    print(f"local cluster: {name} start attempt {attempt + 1} failed, retrying: {e}",
-                          file=sys.stderr)
+                    self._discard_attempt(node, attempt, e)
             new.append(node)
             self._save()
         return new
@@ -351,7 +347,7 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ internals
     def _start_head(self) -> None:
-        for attempt in range(3):  # a loaded machine (or a port taken meanwhile) can fail a boot
+        for attempt in range(_BOOT_ATTEMPTS):
             port, dash_port = free_port(), free_port()
             args = [
                 "--head", "--port", str(port), "--temp-dir", os.path.join(self.dir, "ray"),
@@ -372,12 +368,8 @@ class LocalCluster:
                     self._wait_http(f"http://127.0.0.1:{dash_port}/api/version", head)
                 break
             except (RuntimeError, TimeoutError, FileNotFoundError) as e:
-                self._stop_node(head, graceful=False)
-                self.nodes.remove(head)
                 self.address = None
-                if attempt == 2:
-                    raise
-                print(f"local cluster: head start attempt {attempt + 1} failed, retrying: {e}", file=sys.stderr)
+                self._discard_attempt(head, attempt, e)
         if self.include_dashboard:
             self.dashboard_url = f"http://127.0.0.1:{dash_port}"
         self._save()
@@ -401,6 +393,14 @@ class LocalCluster:
                          log_path=log_path, is_head=is_head)
         self.nodes.append(node)
         return node
+
+    def _discard_attempt(self, node: LocalNode, attempt: int, error: Exception) -> None:
+        """Kill a node whose boot failed and forget it; re-raise `error` after the last attempt."""
+        self._stop_node(node, graceful=False)
+        self.nodes.remove(node)
+        if attempt == _BOOT_ATTEMPTS - 1:
+            raise error
+        print(f"local cluster: {node.name} start attempt {attempt + 1} failed, retrying: {error}", file=sys.stderr)
 
     def _node_command(self, num_cpus: int, resources: dict[str, float], extra: list[str]) -> list[str]:
         """The `ray start --block` command line of one node."""
@@ -426,6 +426,12 @@ class LocalCluster:
         proc = self._procs.get(node.name)
         return proc.poll() if proc is not None else (None if node.is_running() else -1)
 
+    def _fail_if_exited(self, node: LocalNode, before: str) -> None:
+        """Raise a RuntimeError (with the diagnosis) if the node's `ray start --block` has exited."""
+        code = self._exited(node)
+        if code is not None:
+            raise RuntimeError(f"node {node.name} exited with code {code} {before}; {self._diagnosis(node)}")
+
     def _diagnosis(self, node: LocalNode) -> str:
         """The node's `ray start` output and the last lines of the Ray component logs that name an error."""
         parts = [f"log {node.log_path}:\n{tail(self._launch_log(node))}"]
@@ -446,10 +452,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             if _STARTED_MARK in self._launch_log(node):
                 return
-            code = self._exited(node)
-            if code is not None:
-                raise RuntimeError(f"node {node.name} exited with code {code} while starting; "
-                                   f"{self._diagnosis(node)}")
+            self._fail_if_exited(node, "while starting")
             time.sleep(0.2)
         raise TimeoutError(f"node {node.name} did not start within {self.startup_timeout_s}s; "
                            f"{self._diagnosis(node)}")
@@ -463,10 +466,7 @@ class LocalCluster:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             for node in nodes:  # first: asking a dead GCS blocks for ~40 s
-                code = self._exited(node)
-                if code is not None:
-                    raise RuntimeError(f"node {node.name} exited with code {code} before registering with "
-                                       f"the GCS at {self.address}; {self._diagnosis(node)}")
+                self._fail_if_exited(node, f"before registering with the GCS at {self.address}")
             try:
                 if {n.name for n in nodes} <= set(self._node_ids()):
                     return
@@ -486,10 +486,7 @@ class LocalCluster:
                         return
             except Exception as e:  # noqa: BLE001 - connection refused until the dashboard binds
                 last = e
-            code = self._exited(node)
-            if code is not None:
-                raise RuntimeError(f"node {node.name} exited with code {code} before {url} answered; "
-                                   f"{self._diagnosis(node)}")
+            self._fail_if_exited(node, f"before {url} answered")
             time.sleep(0.3)
         raise TimeoutError(f"{url} did not answer within {self.startup_timeout_s}s: {last}; "
                            f"{self._diagnosis(node)}")

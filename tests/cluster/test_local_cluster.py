@@ -107,11 +107,13 @@ class _HeadThatDiesAfterStarting(LocalCluster):
     """The first head launch prints Ray's start-up banner, writes a GCS address and exits, as a `ray start
     --block` does when one of its processes (the dashboard, say) dies just after start-up."""
 
-    launches = 0
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.launches = 0
 
     def _node_command(self, num_cpus, resources, extra):
-        type(self).launches += 1
-        if type(self).launches > 1:
+        self.launches += 1
+        if self.launches > 1:
             return super()._node_command(num_cpus, resources, extra)
         address_file = os.path.join(self.dir, "ray", "ray_current_cluster")
         fake = (f"import os; os.makedirs({os.path.dirname(address_file)!r}, exist_ok=True); "
@@ -130,7 +132,7 @@ def test_a_head_that_exits_after_start_up_is_retried_cleanly(capfd):
     try:
         cluster.start()
         assert cluster.address != "127.0.0.1:9" and cluster.head.is_running()
-        assert _HeadThatDiesAfterStarting.launches == 2
+        assert cluster.launches == 2
         err = capfd.readouterr().err
         assert "head start attempt 1 failed" in err and "exited with code 3" in err
         run_driver(cluster.address, "import ray; ray.init(); assert ray.cluster_resources()['CPU'] == 1")
