@@ -40,30 +40,14 @@ def question_type(row: dict) -> str:
 
 
 def pretrain_vit(vit: torch.nn.Module, image: int, examples: int, steps: int) -> None:
-    """Classification pretraining of the tower on the training images' labels (shapes, colours, count)."""
-    import torch.nn.functional as F
-
+    """Classification pretraining of the tower on other generated images' labels (shapes, colours, count)."""
     try:
-        from benchmarks.grounding.vit_probe import scenes
+        from benchmarks.grounding.vit_probe import scenes, train_on_labels
     except ImportError:  # run as a script: its directory is on sys.path
-        from vit_probe import scenes
+        from vit_probe import scenes, train_on_labels
 
-    x, shapes, colours, counts = scenes(examples, 0, image)
-    head = torch.nn.Linear(vit.cfg.width, 6 + 6 + 3)
-    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 100, (100 / (s + 1)) ** 0.5))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, examples, (32,), generator=gen)
-        out = head(vit(x[idx]).mean(1))
-        loss = (F.binary_cross_entropy_with_logits(out[:, :6], shapes[idx])
-                + F.binary_cross_entropy_with_logits(out[:, 6:12], colours[idx])
-                + F.cross_entropy(out[:, 12:], counts[idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    print(f"ViT pretrained for {steps} steps (last loss {loss.item():.3f})", flush=True)
+    train_on_labels(vit, scenes(examples, 0, image), steps)
+    print(f"ViT pretrained for {steps} steps", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ accuracy every 500 steps. Geometry is the variable that matters::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -18,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pali.config import VisionConfig
+import pali
+from pali.config import get_preset
 from pali.data.lexicon import COLOURS, SHAPES
 from pali.data.pipeline import normalize_images
 from pali.data.synthetic import render_scene, sample_scene
-from pali.models.vit import ViT
 
 
 def scenes(n: int, seed: int, image: int) -> tuple[torch.Tensor, ...]:
@@ -39,6 +40,41 @@ def scenes(n: int, seed: int, image: int) -> tuple[torch.Tensor, ...]:
             torch.tensor(counts))
 
 
+def train_on_labels(vit: nn.Module, data: tuple[torch.Tensor, ...], steps: int, lr: float = 1e-3,
+                    on_step=None) -> nn.Module:
+    """Train `vit` and a linear head on mean-pooled tokens against `scenes` labels (batch 32, AdamW, linear
+    warmup then inverse-sqrt decay); `on_step(step, logits_fn)` is called after each step. Returns the head."""
+    head = nn.Linear(vit.cfg.width, 6 + 6 + 3)
+    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 100, (100 / (s + 1)) ** 0.5))
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return head(vit(x).mean(1))
+
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(data[0]), (32,), generator=gen)
+        out = logits(data[0][idx])
+        loss = (F.binary_cross_entropy_with_logits(out[:, :6], data[1][idx])
+                + F.binary_cross_entropy_with_logits(out[:, 6:12], data[2][idx])
+                + F.cross_entropy(out[:, 12:], data[3][idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(step, logits)
+    return head
+
+
+def tiny_vit(image: int, patch: int, width: int = 96, depth: int = 2) -> nn.Module:
+    """The tiny preset's vision tower at this geometry, initialised as `pali.create_model` does."""
+    cfg = get_preset("tiny")
+    vision = dataclasses.replace(cfg.vision, image_size=image, patch_size=patch, width=width, depth=depth,
+                                 mlp_dim=2 * width)
+    return pali.create_model(dataclasses.replace(cfg, vision=vision), seed=0).vision_tower
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image", type=int, default=64)
@@ -52,45 +88,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     train, test = scenes(a.examples, 0, a.image), scenes(512, 1, a.image)
-    vit = ViT(VisionConfig(image_size=a.image, patch_size=a.patch, width=a.width, depth=a.depth,
-                           mlp_dim=2 * a.width, num_heads=4))
-    for name, t in vit.named_parameters():  # the project's ViT init (pali.checkpoint)
-        if "norm" in name and name.endswith("weight"):
-            nn.init.ones_(t)
-        elif name.endswith("bias"):
-            nn.init.zeros_(t)
-        elif "pos_embed" in name:
-            nn.init.normal_(t, 0, 0.02)
-        else:
-            nn.init.trunc_normal_(t, std=0.02)
-    head = nn.Linear(a.width, 6 + 6 + 3)
-    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=a.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 100, (100 / (s + 1)) ** 0.5))
-
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        return head(vit(x).mean(1))
-
-    gen = torch.Generator().manual_seed(0)
     start = time.time()
-    for step in range(1, a.steps + 1):
-        idx = torch.randint(0, a.examples, (32,), generator=gen)
-        out = logits(train[0][idx])
-        loss = (F.binary_cross_entropy_with_logits(out[:, :6], train[1][idx])
-                + F.binary_cross_entropy_with_logits(out[:, 6:12], train[2][idx])
-                + F.cross_entropy(out[:, 12:], train[3][idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 500 == 0:
-            with torch.no_grad():
-                out = torch.cat([logits(test[0][i:i + 128]) for i in range(0, len(test[0]), 128)])
-            shape = ((out[:, :6] > 0).float() == test[1]).all(1).float().mean().item()
-            colour = ((out[:, 6:12] > 0).float() == test[2]).all(1).float().mean().item()
-            count = (out[:, 12:].argmax(1) == test[3]).float().mean().item()
-            print(f"step {step}: shape set {shape:.3f}  colour set {colour:.3f}  count {count:.3f}  "
-                  f"({time.time() - start:.0f} s)", flush=True)
 
+    def report(step: int, logits) -> None:
+        if step % 500:
+            return
+        with torch.no_grad():
+            out = torch.cat([logits(test[0][i:i + 128]) for i in range(0, len(test[0]), 128)])
+        shape = ((out[:, :6] > 0).float() == test[1]).all(1).float().mean().item()
+        colour = ((out[:, 6:12] > 0).float() == test[2]).all(1).float().mean().item()
+        count = (out[:, 12:].argmax(1) == test[3]).float().mean().item()
+        print(f"step {step}: shape set {shape:.3f}  colour set {colour:.3f}  count {count:.3f}  "
+              f"({time.time() - start:.0f} s)", flush=True)
+
+    train_on_labels(tiny_vit(a.image, a.patch, a.width, a.depth), train, a.steps, a.lr, on_step=report)
 
 if __name__ == "__main__":
     main()
