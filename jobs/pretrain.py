@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                    "embeddings of --init-from: PaLI's high-res phase)")
     g.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the vision tower frozen (PaLI's 224 px phase)")
+    g.add_argument("--vision-pretrain-steps", type=int, default=d.vision_pretrain_steps,
+                   help="classification-pretrain the tower on the shards' image_labels this many steps before "
+                   "the main phase, then freeze it (from-scratch runs only; 0: off)")
     g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="any model config field, e.g. text__dropout_rate=0.1 (JSON values)")
     g = p.add_argument_group("data")
@@ -86,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     if a.freeze_vision is not None:
         overrides["freeze_vision"] = a.freeze_vision
     cfg = TrainConfig(
-        preset=a.preset, model_overrides=overrides, init_from=a.init_from, data=a.data, eval_data=a.eval_data,
+        preset=a.preset, model_overrides=overrides, init_from=a.init_from,
+        vision_pretrain_steps=a.vision_pretrain_steps, data=a.data, eval_data=a.eval_data,
         tokenizer=a.tokenizer, task_weights=json.loads(a.task_weights) if a.task_weights else d.task_weights,
         steps=a.steps, global_batch=a.global_batch, micro_batch=a.micro_batch, lr=a.lr, schedule=a.schedule,
         warmup_steps=a.warmup_steps, vision_lr_mult=a.vision_lr_mult, optimizer=a.optimizer,

@@ -211,7 +211,7 @@ def mt5(size: str, vocab_size: int = 250112) -> TextConfig:
 def _tiny() -> PaLIConfig:
     return PaLIConfig(
         name="tiny",
-        vision=VisionConfig(image_size=64, patch_size=8, width=96, depth=2, mlp_dim=192, num_heads=4),
+        vision=VisionConfig(image_size=48, patch_size=16, width=96, depth=2, mlp_dim=192, num_heads=4),
         text=TextConfig(vocab_size=2048, d_model=128, d_kv=32, d_ff=256, num_heads=4, num_layers=2,
                         num_decoder_layers=2, relative_attention_max_distance=64),
         max_text_len=48,

@@ -42,7 +42,7 @@ def test_round_trip_is_exact(model, tokenizer, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(p.requires_grad for p in loaded.vision_tower.parameters())  # frozen state survives
     ids = torch.randint(3, 2048, (2, 5))
-    px = torch.randn(2, 3, 64, 64)
+    px = torch.randn(2, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
     with torch.no_grad():
         assert torch.equal(model(px, ids, labels=ids).logits, loaded(px, ids, labels=ids).logits)
     meta = json.loads((out / CONFIG_FILE).read_text())

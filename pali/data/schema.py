@@ -13,6 +13,7 @@ Columns (parquet) / member suffixes (WebDataset `KEY.SUFFIX`, same names):
 | `task` | string | restricts the row to one task of the mixture (optional) |
 | `captions` | list<string> | every reference caption (optional; WebDataset: a JSON list) |
 | `answers` | list<string> | every annotator answer (optional; WebDataset: a JSON list) |
+| `image_labels` | list<string> | image-level class labels, `family:value` (optional; vision pretraining) |
 
 Unknown columns are ignored. Rows missing a required field or with a field of the wrong type are
 counted as malformed and skipped; image bytes are only decoded later (`pipeline.py`).
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 
 REQUIRED = ("id", "image", "lang")
 STRING_FIELDS = ("text", "question", "answer", "ocr_text", "task")
-LIST_FIELDS = ("captions", "answers")
+LIST_FIELDS = ("captions", "answers", "image_labels")
 COLUMNS = REQUIRED + STRING_FIELDS + LIST_FIELDS
 SHARD_SUFFIXES = {"parquet": ".parquet", "webdataset": ".tar"}
 
@@ -42,6 +43,7 @@ ARROW_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.binary()), ("lang", pa.string()), ("text", pa.string()),
     ("question", pa.string()), ("answer", pa.string()), ("ocr_text", pa.string()), ("task", pa.string()),
     ("captions", pa.list_(pa.string())), ("answers", pa.list_(pa.string())),
+    ("image_labels", pa.list_(pa.string())),
 ])
 
 

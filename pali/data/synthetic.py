@@ -4,7 +4,8 @@ Each example is a 3x3-cell scene of 1-3 objects (6 shapes x 6 colours, 1-2 group
 and colours) on a light background; half of the scenes also carry a sign with a short word in the
 example's language and script (bottom row), rendered with Noto fonts and Pillow's RAQM layout (proper
 Arabic joining, Devanagari conjuncts, CJK). Text comes from `lexicon.py`: an alt-text caption, one
-question/answer pair (count, colour or shape), and the sign's word as `ocr_text`.
+question/answer pair (count, colour or shape), the sign's word as `ocr_text`, and image-level labels
+(`shape:star`, `colour:red`, `count:3`, `text:<word>`) for the vision tower's classification pretraining.
 
 Every example depends only on (seed, index), so any shard can be regenerated alone; a held-out set is
 the same call with another seed.
@@ -154,6 +155,16 @@ def render_scene(groups: list[Group], word: str | None, lang: str, rng: np.rando
     return img.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 
+def image_labels(groups: list[Group], word: str | None) -> list[str]:
+    """The scene's image-level labels (what a JFT-style classifier is trained on): every shape and colour
+    present, the number of objects, and the sign's word."""
+    labels = {f"shape:{g.shape}" for g in groups} | {f"colour:{g.colour}" for g in groups}
+    labels.add(f"count:{sum(g.count for g in groups)}")
+    if word:
+        labels.add(f"text:{word}")
+    return sorted(labels)
+
+
 def _sample(index: int, seed: int, langs: tuple[str, ...]) -> tuple[dict[str, Any], list[Group]]:
     rng = np.random.default_rng([seed, index])
     lang = langs[index % len(langs)]  # round robin: every language equally often, even in tiny sets
@@ -169,7 +180,8 @@ def _sample(index: int, seed: int, langs: tuple[str, ...]) -> tuple[dict[str, An
     else:
         question, answer = gram.q_shape(g.colour), gram.a_shape(g.shape)
     row = {"id": f"syn{seed}-{index:08d}", "lang": lang, "text": gram.caption(groups), "question": question,
-           "answer": answer, "ocr_text": word, "task": None, "captions": None, "answers": None}
+           "answer": answer, "ocr_text": word, "task": None, "captions": None, "answers": None,
+           "image_labels": image_labels(groups, word)}
     return row, groups
 
 

@@ -17,6 +17,11 @@ class TrainConfig:
     """Overrides of the preset, e.g. {"vision__image_size": 448} or {"freeze_vision": True}."""
     init_from: str | None = None
     """Serving checkpoint to start from (e.g. an imported model, or the 224 px phase for the high-res phase)."""
+    vision_pretrain_steps: int = 1000
+    """Steps of the vision stage before the main phase: a model trained from scratch (no `init_from`)
+    first trains its tower to classify the training shards' `image_labels`, then keeps it frozen (unless
+    `freeze_vision` is set either way), as PaLI does with its JFT-pretrained ViT. 0 skips the stage; so
+    do shards without labels (the tower then trains in the main phase)."""
     data: list[str] = field(default_factory=lambda: ["data/train"])
     """Training shard files, directories or URIs."""
     eval_data: list[str] = field(default_factory=lambda: ["data/val"])
@@ -107,6 +112,8 @@ class TrainConfig:
         for name in ("tp", "pp", "steps", "global_batch", "micro_batch", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.vision_pretrain_steps < 0:
+            raise ValueError(f"vision_pretrain_steps must be >= 0; got {self.vision_pretrain_steps}")
         sizes = [self.min_workers or mp, self.max_workers or self.min_workers or mp] if self.elastic \
             else [self.workers]
         for n in sizes:

@@ -133,6 +133,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         full_state = loaded
     elif config.get("init_state_path"):
         full_state = ck.LazyTensorFile(config["init_state_path"])
+    elif config.get("vision_weights") is not None:  # the vision stage's tower, the seeded init elsewhere
+        from safetensors.torch import load
+
+        from pali.train.vision import SeededState
+
+        full_state = SeededState(mcfg, cfg.seed, load(ray.get(config["vision_weights"])))
     else:
         full_state = None
     engine = build_engine(mcfg, grid, full_state, seed=cfg.seed, dp_mode=cfg.dp_mode, schedule=cfg.pp_schedule,

@@ -133,9 +133,10 @@ def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
     from pali.data.pipeline import list_shards, train_tokenizer_from_shards
     from pali.tokenizer import Tokenizer
 
+    image_size = max(16, model_config(cfg).vision.image_size)  # drawn at the size the model reads
     for paths, seed, n in ((cfg.data, cfg.seed, 4096), (cfg.eval_data, cfg.seed + 1000, 256)):
         if paths == ["data/train"] or paths == ["data/val"]:
-            _ensure_synthetic(paths[0], n, seed)
+            _ensure_synthetic(paths[0], n, seed, image_size)
     shards = list_shards(cfg.data)
     if cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
@@ -159,13 +160,15 @@ def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
 QUICKSTART_LANGS = ("en", "fr", "ru", "ar", "hi", "zh")
 
 
-def _ensure_synthetic(out_dir: str, n: int, seed: int) -> None:
+def _ensure_synthetic(out_dir: str, n: int, seed: int, image_size: int) -> None:
     from pali.data.synthetic import write_synthetic_shards
 
     if Path(out_dir).is_dir() and any(Path(out_dir).glob("*.parquet")):
         return
-    print(f"[pali] generating {n} synthetic examples in {', '.join(QUICKSTART_LANGS)} into {out_dir} (seed {seed})")
-    write_synthetic_shards(out_dir, num_examples=n, langs=QUICKSTART_LANGS, seed=seed, examples_per_shard=256)
+    print(f"[pali] generating {n} synthetic {image_size} px examples in {', '.join(QUICKSTART_LANGS)} into "
+          f"{out_dir} (seed {seed})")
+    write_synthetic_shards(out_dir, num_examples=n, langs=QUICKSTART_LANGS, seed=seed, examples_per_shard=256,
+                           image_size=image_size, num_workers=min(4, os.cpu_count() or 1))
 
 
 def torch_backend(use_gpu: bool) -> str:
@@ -204,9 +207,16 @@ def fit(cfg: TrainConfig, threads_per_worker: int = 1):
     # Workers run in their own working directory: hand them absolute paths.
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     tok, shards, mcfg = prepare(cfg)
-    init_state_path = None
+    init_state_path, vision_ref = None, None
     if cfg.init_from:
         init_state_path = init_state(cfg, mcfg)
+        if cfg.vision_pretrain_steps:
+            print(f"[pali] starting from {cfg.init_from}: its vision tower is used as is (no vision stage)")
+    elif cfg.vision_pretrain_steps:
+        import ray
+
+        weights, mcfg = vision_stage(cfg, mcfg, shards, threads=threads_per_worker * (cfg.min_workers or cfg.workers))
+        vision_ref = ray.put(weights) if weights is not None else None
     workers: int | tuple[int, int] = cfg.workers
     if cfg.elastic:
         workers = (cfg.min_workers or cfg.tp * cfg.pp, cfg.max_workers or cfg.min_workers or cfg.workers)
@@ -220,7 +230,8 @@ def fit(cfg: TrainConfig, threads_per_worker: int = 1):
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                     worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads_per_worker)}})
     loop_config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_bytes": tok.model_proto,
-                   "init_state_path": init_state_path, "threads_per_worker": threads_per_worker}
+                   "init_state_path": init_state_path, "vision_weights": vision_ref,
+                   "threads_per_worker": threads_per_worker}
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
                            torch_config=TorchConfig(backend=torch_backend(cfg.use_gpu)),
                            scaling_config=scaling, run_config=run,
@@ -228,6 +239,76 @@ def fit(cfg: TrainConfig, threads_per_worker: int = 1):
                            dataset_config=make_data_config(cfg.tp, cfg.pp))
     result = trainer.fit()
     return result, mcfg, tok
+
+
+def vision_stage(cfg: TrainConfig, mcfg: PaLIConfig, shards: list[str], threads: int = 1
+                 ) -> tuple[bytes | None, PaLIConfig]:
+    """Run (or reuse) the vision tower's classification pretraining; returns (the tower's weights as
+    safetensors bytes, or None when the shards carry no labels; the model config of the main phase).
+
+    The stage runs as one Ray task with a training worker's resources. Its result is kept in
+    `<output_dir>/vision/` with a fingerprint of what it depends on, so a rerun or a resumed run reuses it
+    (and makes the same freezing decision) instead of training the tower again. With weights, the main
+    phase freezes the tower unless `freeze_vision` was given either way.
+    """
+    import ray
+
+    from pali.data.pipeline import list_shards
+    from pali.train.vision import VisionStageConfig
+
+    scfg = VisionStageConfig(steps=cfg.vision_pretrain_steps, seed=cfg.seed)
+    try:
+        eval_shards = list_shards(cfg.eval_data)
+    except (FileNotFoundError, ValueError):
+        eval_shards = []
+    fingerprint = scfg.fingerprint(mcfg, shards)
+    out = Path(cfg.output_dir) / "vision"
+    weights_path, report_path = out / "tower.safetensors", out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    weights: bytes | None = None
+    if report.get("fingerprint") == fingerprint and (report.get("skipped") or weights_path.is_file()):
+        weights = None if report.get("skipped") else weights_path.read_bytes()
+        print(f"[pali] vision stage: reusing {out} (same shards, geometry and settings)")
+    else:
+        print(f"[pali] vision stage: pretraining the tower on the shards' image labels for {scfg.steps} steps")
+        resources = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.use_gpu else 0}
+        task = ray.remote(**resources)(_vision_task)
+        state_bytes, report = ray.get(task.remote(mcfg, shards, eval_shards, scfg, cfg.use_gpu, threads))
+        report["fingerprint"] = fingerprint
+        out.mkdir(parents=True, exist_ok=True)
+        if state_bytes is not None:  # weights first, then the report that vouches for them, both atomic
+            tmp = weights_path.with_suffix(".tmp")
+            tmp.write_bytes(state_bytes)
+            os.replace(tmp, weights_path)
+            weights = state_bytes
+        tmp = report_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, report_path)
+    if weights is None:
+        print(f"[pali] vision stage skipped: {report.get('skipped')}; the tower trains in the main phase")
+        return None, mcfg
+    held = report.get("heldout_exact_set")
+    acc = ", ".join(f"{k} {v:.0%}" for k, v in held.items()) if held else "no labelled held-out shards"
+    print(f"[pali] vision stage: {report['train_images']} images, {report['labels']} labels, "
+          f"{report['seconds']:.0f} s; held-out exact label sets: {acc}")
+    if "freeze_vision" not in cfg.model_overrides:
+        mcfg = mcfg.with_overrides(freeze_vision=True)
+    state = ("frozen (PaLI's recipe; --no-freeze-vision trains it)" if mcfg.freeze_vision
+             else f"trained at {cfg.vision_lr_mult:g}x lr")
+    print(f"[pali] main phase: vision tower {state}")
+    return weights, mcfg
+
+
+def _vision_task(mcfg, shards, eval_shards, scfg, use_gpu: bool, threads: int):
+    """Ray task body of `vision_stage`: (safetensors bytes or None, report)."""
+    from safetensors.torch import save
+
+    from pali.train.vision import pretrain_vision
+
+    threads = max(1, min(threads, os.cpu_count() or 1))
+    state, report = pretrain_vision(mcfg, shards, eval_shards, scfg, device="cuda" if use_gpu else "cpu",
+                                    threads=threads)
+    return (save(state) if state is not None else None), report
 
 
 def init_state(cfg: TrainConfig, mcfg: PaLIConfig) -> str:

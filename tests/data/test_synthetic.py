@@ -87,6 +87,18 @@ def test_answers_match_scene():
         assert r["answer"] in words | {"1", "2", "3"}
 
 
+def test_image_labels_name_what_is_drawn():
+    for i in range(40):
+        r = make_texts(i, seed=2)
+        labels = r["image_labels"]
+        families = [lab.split(":", 1)[0] for lab in labels]
+        assert families.count("count") == 1 and 1 <= families.count("shape") == families.count("colour") <= 2
+        assert (f"text:{r['ocr_text']}" in labels) == bool(r["ocr_text"]) and families.count("text") <= 1
+        gram = GRAMMARS[r["lang"]]
+        if r["answer"] in {gram.a_colour(c) for c in synthetic.COLOURS}:  # a colour answer is a present colour
+            assert any(r["answer"] == gram.a_colour(lab[7:]) for lab in labels if lab.startswith("colour:"))
+
+
 def test_images_render_and_differ_with_a_sign():
     ex = make_example(2, seed=0, image_size=64)  # example 2 is German with a sign (see seed 0)
     img = Image.open(io.BytesIO(ex["image"]))

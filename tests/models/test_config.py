@@ -68,7 +68,7 @@ def test_overrides_copy_and_validate():
     base = get_preset("tiny")
     hi = base.with_overrides(vision__image_size=128, text__dropout_rate=0.1, freeze_vision=True)
     assert (hi.vision.image_size, hi.text.dropout_rate, hi.freeze_vision) == (128, 0.1, True)
-    assert base.vision.image_size == 64 and get_preset("tiny") == base
+    assert base.vision.image_size == 48 and get_preset("tiny") == base
     with pytest.raises(ValueError, match="unknown vision config keys"):
         base.with_overrides(vision__size=3)
     with pytest.raises(ValueError, match="unknown preset 'pali-99b'"):

@@ -89,16 +89,16 @@ def test_image_mask_hides_visual_tokens(tiny_model, make_batch):
 def test_set_image_size_changes_expected_size(tiny_config, make_batch):
     model = create_model(copy.deepcopy(tiny_config), seed=0).eval()
     px, ids, mask = make_batch(model.cfg, b=1)
-    model.set_image_size(128)  # 64 -> 128 px, like 224 -> 448
+    model.set_image_size(128)  # 48 -> 128 px, like 224 -> 448
     assert model.cfg.vision.image_size == 128
     with pytest.raises(ValueError, match="expected 3x128x128"):
         model(px, ids, mask, labels=torch.tensor([[5, 1]]))
     out = model(torch.randn(1, 3, 128, 128), ids, mask, labels=torch.tensor([[5, 1]]))
-    assert out.encoder_hidden_states.shape[1] == (128 // 8) ** 2 + 7
+    assert out.encoder_hidden_states.shape[1] == (128 // model.cfg.vision.patch_size) ** 2 + 7
 
 
-@pytest.mark.parametrize("shape, expected", [((2, 3, 32, 32), "expected 3x64x64"), ((2, 1, 64, 64), "expected 3x64x64"),
-                                             ((3, 3, 64, 64), "3 images for 2 prompts")])
+@pytest.mark.parametrize("shape, expected", [((2, 3, 32, 32), "expected 3x48x48"), ((2, 1, 48, 48), "expected 3x48x48"),
+                                             ((3, 3, 48, 48), "3 images for 2 prompts")])
 def test_bad_images_name_expected(tiny_model, make_batch, shape, expected):
     _, ids, mask = make_batch(tiny_model.cfg, b=2)
     with pytest.raises(ValueError, match=expected):
@@ -123,7 +123,7 @@ def test_bad_token_ids_and_masks(tiny_model, make_batch):
 
 def _counted_training_flops(model, b: int, s: int, t: int) -> int:
     """Matmul FLOPs of one forward+backward on a random batch (math SDPA, so attention is counted too)."""
-    px = torch.randn(b, 3, 64, 64)
+    px = torch.randn(b, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
     ids = torch.randint(3, 2048, (b, s))
     labels = torch.randint(3, 2048, (b, t))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def _args(shards: Path, out: Path, steps: int, **extra) -> list[str]:
     args = ["--data", str(shards / "train"), "--eval-data", str(shards / "val"), "--steps", str(steps),
             "--global-batch", "8", "--micro-batch", "4", "--warmup-steps", "2", "--output-dir", str(out),
-            "--log-every", "1", "--no-eval"]
+            "--log-every", "1", "--no-eval", "--vision-pretrain-steps", "0"]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -35,10 +35,11 @@ def test_pretrain_runs_unchanged_as_a_ray_job(train_shards, tmp_path):
     with LocalCluster(num_workers=0, head_cpus=6, include_dashboard=True) as cluster:
         result = submit_job(cluster.dashboard_url,
                             ["python", "-m", "jobs.pretrain", *_args(train_shards, tmp_path / "job", 2,
-                                                                     checkpoint_every=2)],
+                                                                     checkpoint_every=2, vision_pretrain_steps=5)],
                             working_dir=str(ROOT), timeout_s=420)
     assert result.succeeded, f"{result.status}\n{result.logs[-4000:]}"
     assert "serving checkpoint" in result.logs
+    assert "vision stage: " in result.logs and "vision tower frozen" in result.logs  # the stage ran as a task
     assert (tmp_path / "job" / "final" / "model.safetensors").is_file()
 
 

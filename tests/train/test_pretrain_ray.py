@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import pali
 from pali.train.checkpointing import is_complete, latest_complete, read_meta
 from pali.train.config import TrainConfig
 from pali.train.metrics import read_metrics
@@ -17,7 +20,7 @@ pytestmark = pytest.mark.slow
 def _cfg(root, out, **kw) -> TrainConfig:
     base = dict(data=[str(root / "train")], eval_data=[str(root / "val")], global_batch=8, micro_batch=4,
                 steps=4, checkpoint_every=2, log_every=1, warmup_steps=2, output_dir=str(out), workers=2,
-                cpus_per_worker=1.0, max_failures=2)
+                cpus_per_worker=1.0, max_failures=2, vision_pretrain_steps=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -42,11 +45,35 @@ def test_train_checkpoint_resume_consolidate(ray_cluster, train_shards, tmp_path
     assert new_lines == 2, "the resumed run must only train steps 5 and 6"
 
     final = consolidate(latest_complete(run_dir(cfg)), tmp_path / "final", tok)
-    import pali
-
     model, tok2 = pali.load_pretrained(final)
     assert model.cfg.text.vocab_size == mcfg.text.vocab_size and tok2.vocab_size == tok.vocab_size
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
+
+
+def test_vision_stage_seeds_a_frozen_tower_and_is_reused(ray_cluster, train_shards, tmp_path, capsys):
+    cfg = _cfg(train_shards, tmp_path / "run", steps=2, vision_pretrain_steps=40, name="vision")
+    result, mcfg, tok = fit(cfg)
+    assert result.error is None and mcfg.freeze_vision
+    report = json.loads((tmp_path / "run" / "vision" / "report.json").read_text())
+    assert report["steps"] == 40 and report["train_images"] == 256
+    assert set(report["heldout_exact_set"]) == {"all", "colour", "count", "shape", "text"}
+    tower = load_file(str(tmp_path / "run" / "vision" / "tower.safetensors"))
+    final = consolidate(latest_complete(run_dir(cfg)), tmp_path / "final", tok)
+    trained = load_file(str(final / "model.safetensors"))
+    init = pali.create_model(mcfg, seed=cfg.seed).state_dict()
+    assert tower.keys() == {k for k in trained if k.startswith("vision_tower.")}
+    for k, v in tower.items():  # the workers started from the stage's tower and kept it frozen
+        torch.testing.assert_close(trained[k], v, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(v, init[k]) for k, v in tower.items()), "the stage did not train the tower"
+    assert not torch.equal(trained["projector.weight"], init["projector.weight"])  # the main phase trained
+
+    # A rerun with more steps resumes the main phase and reuses the stage instead of training it again.
+    capsys.readouterr()
+    before = (tmp_path / "run" / "vision" / "report.json").stat().st_mtime_ns
+    result2, mcfg2, _ = fit(_cfg(train_shards, tmp_path / "run", steps=3, vision_pretrain_steps=40, name="vision"))
+    assert result2.error is None and result2.metrics["step"] == 3 and mcfg2.freeze_vision
+    assert "vision stage: reusing" in capsys.readouterr().out
+    assert (tmp_path / "run" / "vision" / "report.json").stat().st_mtime_ns == before
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, train_shards, tmp_path):
