@@ -17,7 +17,7 @@ class TrainConfig:
     """Overrides of the preset, e.g. {"vision__image_size": 448} or {"freeze_vision": True}."""
     init_from: str | None = None
     """Serving checkpoint to start from (e.g. an imported model, or the 224 px phase for the high-res phase)."""
-    vision_pretrain_steps: int = 1000
+    vision_pretrain_steps: int = 3000
     """Steps of the vision stage before the main phase: a model trained from scratch (no `init_from`)
     first trains its tower to classify the training shards' `image_labels`, then keeps it frozen (unless
     `freeze_vision` is set either way), as PaLI does with its JFT-pretrained ViT. 0 skips the stage; so
@@ -32,7 +32,7 @@ class TrainConfig:
         "caption": 3.0, "vqa": 3.0, "ocr": 2.0, "split_caption": 1.0, "vqg": 0.5, "span_corruption": 0.5})
     """Task mixture weights (None: the data pipeline's default mixture); the default leans on the tasks the
     end-of-run evaluation scores."""
-    steps: int = 1000
+    steps: int = 1500
     """Optimizer steps to train for."""
     global_batch: int = 32
     """Examples per optimizer step, over all data-parallel ranks (kept constant when the group resizes)."""

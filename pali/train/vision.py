@@ -111,7 +111,7 @@ def build_tower(mcfg: PaLIConfig, seed: int) -> nn.Module:
 class VisionStageConfig:
     """What the stage trains on and for how long."""
 
-    steps: int = 1000
+    steps: int = 3000
     """Optimizer steps (0: no stage)."""
     batch: int = 32
     """Images per step."""

@@ -1,0 +1,56 @@
+"""Held-out answers by question type and caption exact match, from an evaluation's predictions.
+
+Reads `<run>/eval/predictions.jsonl` (written by `jobs.pretrain` / `jobs.evaluate`) and the held-out
+shards' `image_labels` (how many kinds of objects each scene has), and prints, for VQA,
+how often each kind of question (count, colour with one or two kinds of objects, shape) was answered
+right, and for captioning and OCR the exact-match rate (the README's "What to expect" tables)::
+
+    python benchmarks/grounding/breakdown.py runs/pali-tiny/eval/predictions.jsonl --data data/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from pali.data.lexicon import COLOURS, GRAMMARS
+from pali.data.pipeline import list_shards
+from pali.data.schema import read_shard
+
+
+def vqa_kind(lang: str, prompt: str, reference: str) -> str:
+    """count / colour / shape, from the reference answer's vocabulary."""
+    gram = GRAMMARS[lang]
+    if reference in ("1", "2", "3"):
+        return "count"
+    return "colour" if reference in {gram.a_colour(c) for c in COLOURS} else "shape"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("predictions")
+    p.add_argument("--data", nargs="+", default=["data/val"], help="the held-out shards that were evaluated")
+    a = p.parse_args(argv)
+    kinds = {row["id"]: sum(lab.startswith("shape:") for lab in row["image_labels"] or [])
+             for path in list_shards(a.data) for row in read_shard(path).rows}
+    right, total = Counter(), Counter()
+    for line in open(a.predictions, encoding="utf-8"):
+        r = json.loads(line)
+        ok = r["prediction"].strip() in [x.strip() for x in r["references"]]
+        if r["task"] == "vqa":
+            kind = vqa_kind(r["lang"], r["prompt"], r["references"][0])
+            if kind == "colour":  # one kind of object, or two (the model must find the asked shape)
+                kind = f"colour, {kinds.get(r['id'], '?')} kind(s) of object"
+            key = f"vqa: {kind}"
+        else:
+            key = r["task"]
+        right[key] += ok
+        total[key] += 1
+    print("| kind | right |\n|---|---|")
+    for key in sorted(total):
+        print(f"| {key} | {right[key] / total[key]:.0%} ({right[key]}/{total[key]}) |")
+
+
+if __name__ == "__main__":
+    main()
