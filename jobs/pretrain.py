@@ -1,7 +1,8 @@
 """Pretrain PaLI on Ray: `python -m jobs.pretrain` (embedded default) or via `ray job submit`.
 
 With no arguments: starts a local Ray, generates synthetic multilingual shards under data/ if absent,
-trains the tiny preset with 2 workers, writes a serving checkpoint, prints held-out loss, sample
+pretrains the tiny preset's vision tower on the shards' image labels (the vision stage), trains the
+whole model with that tower frozen on 2 workers, writes a serving checkpoint, prints held-out loss, sample
 generations in several languages and the per-language evaluation table.
 """
 

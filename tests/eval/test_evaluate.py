@@ -138,7 +138,8 @@ def test_predictor_batches_and_failed_generate(tiny_eval):
     for i, prompt in enumerate(["Generate the alt_text in en at 0:", "Answer in fr: quoi?"]):
         x = tok.encode(prompt)
         ids[i, : len(x)] = x
-    batch = {"pixel_values": np.zeros((2, 3, 64, 64), np.float32), "input_ids": ids,
+    size = pred.model.cfg.vision.image_size
+    batch = {"pixel_values": np.zeros((2, 3, size, size), np.float32), "input_ids": ids,
              "attention_mask": (ids != 0).astype(np.int64), "id": np.array(["a", "b"], dtype=object),
              "lang": np.array(["en", "fr"], dtype=object), "task": np.array(["caption", "vqa"], dtype=object),
              "prompt": np.array(["p", "q"], dtype=object), "references": np.array(['["x"]', '["y"]'], dtype=object)}
