@@ -19,12 +19,12 @@ from pali.data.pipeline import list_shards
 from pali.data.schema import read_shard
 
 
-def vqa_kind(lang: str, prompt: str, reference: str) -> str:
-    """count / colour / shape, from the reference answer's vocabulary."""
-    gram = GRAMMARS[lang]
-    if reference in ("1", "2", "3"):
+def answer_kind(lang: str, answer: str) -> str:
+    """count / colour / shape: what a synthetic VQA answer is about, from its vocabulary."""
+    if answer in ("1", "2", "3"):
         return "count"
-    return "colour" if reference in {gram.a_colour(c) for c in COLOURS} else "shape"
+    gram = GRAMMARS[lang]
+    return "colour" if answer in {gram.a_colour(c) for c in COLOURS} else "shape"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         r = json.loads(line)
         ok = r["prediction"].strip() in [x.strip() for x in r["references"]]
         if r["task"] == "vqa":
-            kind = vqa_kind(r["lang"], r["prompt"], r["references"][0])
+            kind = answer_kind(r["lang"], r["references"][0])
             if kind == "colour":  # one kind of object, or two (the model must find the asked shape)
                 kind = f"colour, {kinds.get(r['id'], '?')} kind(s) of object"
             key = f"vqa: {kind}"

@@ -276,14 +276,10 @@ def vision_stage(cfg: TrainConfig, mcfg: PaLIConfig, shards: list[str], threads:
         state_bytes, report = ray.get(task.remote(mcfg, shards, eval_shards, scfg, cfg.use_gpu, threads))
         report["fingerprint"] = fingerprint
         out.mkdir(parents=True, exist_ok=True)
-        if state_bytes is not None:  # weights first, then the report that vouches for them, both atomic
-            tmp = weights_path.with_suffix(".tmp")
-            tmp.write_bytes(state_bytes)
-            os.replace(tmp, weights_path)
+        if state_bytes is not None:  # weights first, then the report that vouches for them
+            _write_atomic(weights_path, state_bytes)
             weights = state_bytes
-        tmp = report_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, report_path)
+        _write_atomic(report_path, json.dumps(report, indent=2).encode())
     if weights is None:
         print(f"[pali] vision stage skipped: {report.get('skipped')}; the tower trains in the main phase")
         return None, mcfg
@@ -297,6 +293,13 @@ def vision_stage(cfg: TrainConfig, mcfg: PaLIConfig, shards: list[str], threads:
              else f"trained at {cfg.vision_lr_mult:g}x lr")
     print(f"[pali] main phase: vision tower {state}")
     return weights, mcfg
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary sibling and rename it into place: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _vision_task(mcfg, shards, eval_shards, scfg, use_gpu: bool, threads: int):

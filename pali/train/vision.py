@@ -66,7 +66,9 @@ def load_labelled(shards: Sequence[str], image_size: int, max_examples: int) -> 
                 continue
             labels.append(list(row[LABEL_FIELD]))
             if len(labels) >= max_examples:
-                return LabelledImages(torch.from_numpy(np.stack(images)), labels, bad)
+                break
+        if len(labels) >= max_examples:
+            break
     pixels = torch.from_numpy(np.stack(images)) if images else torch.empty(0, 3, image_size, image_size)
     return LabelledImages(pixels, labels, bad)
 

@@ -88,3 +88,5 @@ def test_shards_without_labels_skip_the_stage_and_bad_images_are_counted(tmp_pat
     mixed = write_shard(rows, str(tmp_path / "mixed.parquet"), "parquet")
     got = load_labelled([mixed], 48, max_examples=100)
     assert got.malformed == 1 and len(got.labels) == 5 and got.pixels.shape == (5, 3, 48, 48)
+    first = load_labelled([mixed, mixed], 48, max_examples=3)  # stops reading at the limit
+    assert first.labels == got.labels[:3] and first.pixels.shape == (3, 3, 48, 48)
