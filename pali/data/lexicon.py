@@ -1,9 +1,10 @@
 """Grammar of the synthetic corpus: noun phrases, captions, questions and answers in ten languages.
 
 A scene is 1-2 groups of (shape, colour, count) with count 1-3 and distinct shapes and colours, e.g.
-"a red circle and two blue stars". Every language implements the same small grammar with its own
-agreement rules (French/Spanish gender, German case endings, Russian numeral government, Arabic dual and
-non-human plural agreement, Hindi adjective inflection, CJK classifiers/counters, Korean particles).
+"a red circle and two blue stars" (groups always in `SHAPES` order). Every language implements the same
+small grammar with its own agreement rules (French/Spanish gender, German case endings, Russian numeral
+government, Arabic dual and non-human plural agreement, Hindi adjective inflection, CJK
+classifiers/counters, Korean particles).
 Answers are short: a colour, a shape or an ASCII digit.
 """
 
@@ -37,8 +38,10 @@ class Grammar:
         raise NotImplementedError
 
     def caption(self, groups: list[Group]) -> str:
-        """Alt-text of the scene."""
-        return self.conj.join(self.np(g) for g in groups)
+        """Alt-text of the scene. Groups are named in the fixed order of `SHAPES`, whatever order they come
+        in, so the caption is a function of the image: a scene drawn with the groups in any order reads
+        the same, and a model is not asked to guess an order it cannot see."""
+        return self.conj.join(self.np(g) for g in sorted(groups, key=lambda g: SHAPES.index(g.shape)))
 
     def q_count(self, shape: str) -> str:
         """'How many circles are there?'"""

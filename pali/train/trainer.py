@@ -86,7 +86,7 @@ class DatasetFactory:
         remaining = max(self.cfg.steps - step, 1) * self.cfg.global_batch
         rows = count_rows(self.shards)
         per_shard = rows / len(self.shards) if rows else 64
-        count = int(math.ceil(remaining / max(per_shard, 1) * 1.3)) + 2 * len(self.shards)
+        count = int(math.ceil(remaining / max(per_shard, 1) * 1.3)) + 8
         paths = shards_from(self.shards, cursor, count, self.cfg.seed)
         dcfg = DataConfig.for_model(self.mcfg, task_weights=self.cfg.task_weights or _default_weights(),
                                     seed=self.cfg.seed, batch_size=self.cfg.micro_batch,
@@ -134,7 +134,7 @@ def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
     from pali.tokenizer import Tokenizer
 
     image_size = max(16, model_config(cfg).vision.image_size)  # drawn at the size the model reads
-    for paths, seed, n in ((cfg.data, cfg.seed, 4096), (cfg.eval_data, cfg.seed + 1000, 256)):
+    for paths, seed, n in ((cfg.data, cfg.seed, 32768), (cfg.eval_data, cfg.seed + 1000, 256)):
         if paths == ["data/train"] or paths == ["data/val"]:
             _ensure_synthetic(paths[0], n, seed, image_size)
     shards = list_shards(cfg.data)

@@ -63,20 +63,27 @@ def test_language_and_script_coverage():
 def test_grammar_agreement():
     g = [Group("star", "green", 1), Group("circle", "red", 2)]
     assert GRAMMARS["en"].caption([Group("circle", "orange", 1)]) == "an orange circle"
-    assert GRAMMARS["fr"].caption(g) == "une étoile verte et deux cercles rouges"
+    assert GRAMMARS["fr"].caption(g) == "deux cercles rouges et une étoile verte"
     assert GRAMMARS["de"].caption([Group("heart", "blue", 1), Group("diamond", "yellow", 3)]) == \
         "ein blaues Herz und drei gelbe Rauten"
-    assert GRAMMARS["es"].caption(g) == "una estrella verde y dos círculos rojos"
+    assert GRAMMARS["es"].caption(g) == "dos círculos rojos y una estrella verde"
     assert GRAMMARS["ru"].caption([Group("star", "red", 2), Group("circle", "blue", 3)]) == \
-        "две красные звезды и три синих круга"
+        "три синих круга и две красные звезды"
     assert GRAMMARS["ar"].caption([Group("circle", "red", 2), Group("square", "blue", 3)]) == \
         "دائرتان حمراوان وثلاثة مربعات زرقاء"
     assert GRAMMARS["hi"].caption([Group("star", "green", 2)]) == "दो हरे तारे"
-    assert GRAMMARS["zh"].caption(g) == "一个绿色的星形和两个红色的圆形"
-    assert GRAMMARS["ja"].caption(g) == "一つの緑の星と二つの赤い円"
-    assert GRAMMARS["ko"].caption(g) == "초록색 별 한 개와 빨간 원 두 개"
+    assert GRAMMARS["zh"].caption(g) == "两个红色的圆形和一个绿色的星形"
+    assert GRAMMARS["ja"].caption(g) == "二つの赤い円と一つの緑の星"
+    assert GRAMMARS["ko"].caption(g) == "빨간 원 두 개와 초록색 별 한 개"
     assert GRAMMARS["fr"].q_colour("star", 1) == "de quelle couleur est l'étoile ?"
     assert GRAMMARS["ko"].q_count("heart") == "하트는 몇 개 있어요?"
+
+
+def test_caption_order_is_fixed_by_the_scene():
+    """Groups are named in SHAPES order, whatever order they are given in: the image determines the caption."""
+    for lang, gram in GRAMMARS.items():
+        a, b = Group("diamond", "blue", 1), Group("circle", "red", 2)
+        assert gram.caption([a, b]) == gram.caption([b, a]) == gram.conj.join([gram.np(b), gram.np(a)]), lang
 
 
 def test_answers_match_scene():
