@@ -11,7 +11,7 @@ from pali.parallel.plan import ShardSpec, slice_for
 from pali.train import checkpointing as ck
 from pali.train.config import TrainConfig
 from pali.train.optim import build_optimizer, lr_factor
-from pali.train.trainer import shard_order, shards_from
+from pali.train.trainer import plan_length, shard_order, shards_from
 
 
 def test_rsqrt_schedule_warms_up_then_decays_as_inverse_sqrt():
@@ -156,3 +156,11 @@ def test_unmet_resources_name_what_a_local_cluster_lacks():
     assert unmet_resources(TrainConfig(workers=4, cpus_per_worker=3.0), cpu_box).startswith("4 workers x 3 CPU")
     # elastic: the smallest group decides
     assert unmet_resources(TrainConfig(min_workers=1, max_workers=4, use_gpu=True), {"CPU": 8, "GPU": 1}) is None
+
+
+def test_plan_length_queues_what_the_steps_need_not_extra_epochs():
+    # the quick start: 1500 steps x 32 examples over shards of 256 rows -> 187.5 shards, + 30 %, + 8
+    assert plan_length(1500 * 32, 128 * 256, 128) == 252
+    assert plan_length(1500 * 32, 16 * 256, 16) == 252  # independent of how many distinct shards
+    assert plan_length(32, 128 * 256, 128) == 9
+    assert plan_length(100, None, 4) == 11  # unknown row counts (remote shards): 64 rows per shard assumed
