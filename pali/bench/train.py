@@ -1,8 +1,9 @@
 """Suite `train`: one forward + backward + AdamW step of PaLI against the Hugging Face-assembled twin.
 
-Both sides get the same config, the weights (exported with `to_hf`), the batch, the optimizer settings and
-the thread count; the losses are checked equal before anything is timed, and the steps alternate.
-MFU is computed from `flops_per_example` and `pali.train.metrics.peak_flops` exactly as the trainer logs it.
+Both sides get the same config, the weights (exported with `to_hf`), the batch, the optimizer (fused
+AdamW, as the trainer and Hugging Face Trainer both default to) and the thread count; the losses are
+checked equal before anything is timed, and the steps alternate. MFU is computed from
+`flops_per_example` and `pali.train.metrics.peak_flops` exactly as the trainer logs it.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
                                  f"(relative {rel:.2e} > {cfg.loss_tol}); the comparison would be meaningless")
         model.zero_grad(set_to_none=True)
         ref.zero_grad(set_to_none=True)
-        opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
+        # Fused AdamW on both sides: the trainer's optimizer (`pali.train.optim`) and Hugging Face Trainer's
+        # default (`adamw_torch_fused` with torch >= 2.8).
+        opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, fused=True)
                 for n, m in (("ours", model), ("hf", ref))}
         times = time_side_by_side({"ours": _step_fn(model, opts["ours"], batch),
                                    "hf": _step_fn(ref, opts["hf"], batch)}, cfg.repeats, warmup=1)
