@@ -55,18 +55,16 @@ def load_labelled(shards: Sequence[str], image_size: int, max_examples: int) -> 
     images: list[np.ndarray] = []
     labels: list[list[str]] = []
     bad = 0
-    for path in shards:
-        for row in read_shard(path).rows:
-            if not row.get(LABEL_FIELD):
-                continue
-            try:
-                images.append(preprocess_image(row["image"], image_size))
-            except Exception:  # undecodable image bytes: count and keep going
-                bad += 1
-                continue
-            labels.append(list(row[LABEL_FIELD]))
-            if len(labels) >= max_examples:
-                break
+    rows = (row for path in shards for row in read_shard(path).rows)  # lazy: stops reading at the limit
+    for row in rows:
+        if not row.get(LABEL_FIELD):
+            continue
+        try:
+            images.append(preprocess_image(row["image"], image_size))
+        except Exception:  # undecodable image bytes: count and keep going
+            bad += 1
+            continue
+        labels.append(list(row[LABEL_FIELD]))
         if len(labels) >= max_examples:
             break
     pixels = torch.from_numpy(np.stack(images)) if images else torch.empty(0, 3, image_size, image_size)
