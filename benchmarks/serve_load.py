@@ -1,12 +1,14 @@
 """Load test of the Serve application: requests/s and p50/p99 latency with batching on and off.
 
     python benchmarks/serve_load.py [--checkpoint CKPT] [--concurrency 32] [--duration 20] [--rounds 2]
-                                    [--out result.json]
+                                    [--ingress proxy|haproxy] [--out result.json]
 
 Without `--checkpoint` a tiny random model is made in a temp dir. Serves on 127.0.0.1 only, one replica;
 the two modes differ only in `max_batch_size` (16 vs 1) and face the same load: the same pre-encoded
 request bodies, sent by `concurrency` closed-loop clients. Modes alternate within one Ray session
-(on off, off on, ...: `--rounds`), so load from other work on the machine hits both alike.
+(on off, off on, ...: `--rounds`), so load from other work on the machine hits both alike. `--ingress`
+picks Serve's HTTP ingress for the Ray session it starts (`serve.config.INGRESS_ENV`): Serve's Python
+proxy (default) or HAProxy with direct ingress into the replica.
 
 The load generator is one asyncio process (aiohttp, keep-alive connections, bodies encoded once) so
 that it costs little CPU next to the server it measures. Every mode also records the CPU time that the
@@ -111,8 +113,8 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
 def _group(cmd: str) -> str:
     if cmd.startswith("ray::ServeReplica"):
         return "replica"
-    if cmd.startswith("ray::ProxyActor"):
-        return "proxy"
+    if cmd.startswith(("ray::ProxyActor", "ray::HAProxyManager")) or "/haproxy " in cmd:
+        return "proxy"  # the HTTP ingress: Serve's proxy actor, or HAProxy and the actor that manages it
     return "ray_other"
 
 
@@ -137,6 +139,25 @@ def cpu_snapshot() -> dict[str, float]:
         stack.extend(children.get(pid, []))
         snap[_group(table[pid][1])] += table[pid][2]
     return snap
+
+
+def ingress_processes() -> list[str]:
+    """Names of this process's descendants that serve as the HTTP ingress (see `_group`)."""
+    try:
+        table = _proc_table()
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    names, stack = set(), list(children.get(os.getpid(), []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        cmd = table[pid][1]
+        if _group(cmd) == "proxy":
+            names.add(cmd.split()[0].rsplit("/", 1)[-1])
+    return sorted(names)
 
 
 def cpu_per_request(before: dict, after: dict, wall: float, requests: int) -> dict:
@@ -223,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--app", default="serve.app:build_app",
                    help="application builder as module:function (e.g. another version of the app to compare)")
+    p.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
+                   help="Serve's HTTP ingress for this run's Ray session (serve.config.INGRESS_ENV)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.duration <= 0 or a.concurrency < 1:
@@ -230,6 +253,16 @@ def main(argv: list[str] | None = None) -> int:
                 "> 0, >= 1")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from serve.config import ingress_env
+
+    env = ingress_env(a.ingress)
+    if env:
+        if "ray.serve" in sys.modules:  # Serve reads these when its modules are imported
+            raise RuntimeError(f"--ingress {a.ingress} needs a fresh process: ray.serve is already imported")
+        os.environ.update(env)
+        # Deleting a direct-ingress app waits 30 s for load balancers to see it drain; the runs here
+        # switch apps between modes with no load in flight.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     import importlib
 
     import ray
@@ -267,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                    **run_load(url, a.concurrency, a.duration, a.max_new_tokens, bodies)}
             stats1 = requests.get(url + "/v1/stats", timeout=30).json()["batch_sizes"]
             res["batch_sizes"] = {k: v - stats0.get(k, 0) for k, v in stats1.items() if v - stats0.get(k, 0)}
+            res["ingress_processes"] = ingress_processes()
             runs.append(res)
             cpu = res["cpu"]
             print(f"{mode:13s} max_batch_size={mbs:3d}  {res['requests_per_s']:8.2f} req/s  p50 {res['p50_ms']} ms  "
@@ -289,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     on_off = [(x, y) if x["mode"] == "batching_on" else (y, x) for x, y in pairs]
     out = {"benchmark": "serve_load", "date": datetime.now(UTC).isoformat(timespec="seconds"),
            "commit": commit(), "hardware": hardware(), "checkpoint": a.checkpoint or "random tiny preset", "app": a.app,
+           "ingress": a.ingress,
            "concurrency": a.concurrency, "duration_s": a.duration, "rounds": a.rounds,
            "max_new_tokens": a.max_new_tokens, "batch_wait_timeout_s": wait, "results": results,
            "throughput_ratios": [round(on["requests_per_s"] / off["requests_per_s"], 3) for on, off in on_off],

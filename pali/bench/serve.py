@@ -1,23 +1,28 @@
 """Suite `serve`: requests/s and p50/p99 latency of the Serve app with dynamic batching against batch size 1.
 
-Reuses the serving engineer's `benchmarks/serve_load.py`: one replica, the same closed-loop load of
-`concurrency` clients from one asyncio process, batching on and off alternating within one Ray session
-(on off, off on, ...: `repeats` rounds). Every figure is the median over rounds and the ratio is taken
-within each round (side by side) before the median. The per-request CPU of the load generator, proxy and
-replica and the machine's busy cores come from the same runs.
+Reuses the serving engineer's `benchmarks/serve_load.py`, once per HTTP ingress (`serve.config.INGRESS_ENV`:
+Serve's Python proxy, then HAProxy with direct ingress), each in its own process and Ray session (the
+ingress is fixed when Ray starts): one replica, the same closed-loop load of `concurrency` clients from
+one asyncio process, batching on and off alternating within the session (on off, off on, ...: `repeats`
+rounds). Every figure is the median over rounds and the ratio is taken within each round (side by side)
+before the median. The per-request CPU of the load generator, ingress and replica and the machine's busy
+cores come from the same runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pali.bench.common import load_script, median
+from pali.bench.common import REPO, load_script, median
+
+INGRESS_NAMES = {"proxy": "Serve HTTP proxy (default)", "haproxy": "HAProxy + direct ingress"}
+"""Ingress -> how the report names it."""
 
 
 @dataclass
@@ -34,40 +39,48 @@ class ServeBenchConfig:
     """Batch size of the dynamic-batching mode."""
     repeats: int = 1
     """Rounds of both modes (alternating which goes first) in one Ray session."""
+    ingresses: tuple[str, ...] = ("proxy", "haproxy")
+    """HTTP ingresses to measure, each in its own Ray session."""
     in_process_repeats: int = 3
     """Repeats of the in-process (no HTTP) batch-vs-single measurement of the replica's decode path."""
     start_attempts: int = 2
     """Tries when Ray or Serve fails to start (start-up timeouts on a loaded machine)."""
 
 
-def run_serve(cfg: ServeBenchConfig) -> dict:
-    """Medians per mode, the throughput ratio on/off and the p99 ratio on/off (both per round, then median)."""
-    serve_load = load_script("serve_load").main
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def load_run(cfg: ServeBenchConfig, ingress: str) -> dict:
+    """The JSON of one `serve_load.py --ingress INGRESS` run in a fresh process (retried once when Ray or
+    Serve fails to start on a loaded machine)."""
+    script = REPO / "benchmarks" / "serve_load.py"
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     # On a loaded 2-core machine the HTTP proxy misses Serve's 5 s readiness check and is killed.
     for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
-        os.environ.setdefault(var, "60")
+        env.setdefault(var, "60")
+    timeout = 240 + cfg.repeats * 2 * (cfg.duration_s + 90)
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "serve.json"
-        argv = ["--concurrency", str(cfg.concurrency), "--duration", str(cfg.duration_s), "--rounds", str(cfg.repeats),
-                "--max-new-tokens", str(cfg.max_new_tokens), "--max-batch-size", str(cfg.max_batch_size),
-                "--torch-threads", "1", "--out", str(out)]
+        out, log = Path(tmp) / "serve.json", Path(tmp) / "serve.log"
+        argv = [sys.executable, str(script), "--concurrency", str(cfg.concurrency), "--duration",
+                str(cfg.duration_s), "--rounds", str(cfg.repeats), "--max-new-tokens", str(cfg.max_new_tokens),
+                "--max-batch-size", str(cfg.max_batch_size), "--torch-threads", "1", "--ingress", ingress,
+                "--out", str(out)]
         for attempt in range(cfg.start_attempts):
-            try:
-                serve_load(argv)
-                break
-            except Exception as e:  # a loaded machine can time out Ray's or the proxy's start-up
-                import ray
+            with open(log, "w") as f:
+                try:
+                    rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                        timeout=timeout).returncode
+                except subprocess.TimeoutExpired:
+                    rc = "timeout"
+            if rc == 0 and out.is_file():
+                return json.loads(out.read_text())
+            tail = log.read_text(errors="replace")[-2000:]
+            if attempt + 1 == cfg.start_attempts:
+                raise RuntimeError(f"serve_load.py --ingress {ingress} failed ({rc}); its output ends:\n{tail}")
+            print(f"[serve] {ingress} load run failed ({rc}); retrying", file=sys.stderr)
+    raise AssertionError("unreachable")
 
-                ray.shutdown()
-                if attempt + 1 == cfg.start_attempts:
-                    raise
-                print(f"[serve] load run failed ({type(e).__name__}: {e}); retrying", file=sys.stderr)
-                time.sleep(5)
-        load = json.loads(out.read_text())
-    res: dict = {"concurrency": cfg.concurrency, "duration_s": cfg.duration_s, "max_new_tokens": cfg.max_new_tokens,
-                 "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": load["batch_wait_timeout_s"],
-                 "rounds": cfg.repeats, "runs": load["runs"]}
+
+def summarise(load: dict) -> dict:
+    """Medians per mode with per-request CPU, the throughput ratio on/off and the p99 ratio on/off."""
+    res: dict = {"batch_wait_timeout_s": load["batch_wait_timeout_s"], "runs": load["runs"]}
     for mode in ("batching_on", "batching_off"):
         res[mode] = dict(load["results"][mode])
         mine = [r for r in load["runs"] if r["mode"] == mode and r.get("cpu")]
@@ -78,6 +91,16 @@ def run_serve(cfg: ServeBenchConfig) -> dict:
             res[mode]["load_avg_1m"] = median([r["load_avg_at_start"][0] for r in mine])
     res["throughput_ratio"] = median(load["throughput_ratios"])
     res["p99_ratio_on_over_off"] = median(load["p99_ratios"])
+    return res
+
+
+def run_serve(cfg: ServeBenchConfig) -> dict:
+    """Per ingress: medians per mode, the throughput ratio on/off and the p99 ratio on/off (both per round,
+    then median); and the replica's decode path without HTTP."""
+    res: dict = {"concurrency": cfg.concurrency, "duration_s": cfg.duration_s, "max_new_tokens": cfg.max_new_tokens,
+                 "max_batch_size": cfg.max_batch_size, "rounds": cfg.repeats, "ingress": {}}
+    for ingress in cfg.ingresses:
+        res["ingress"][ingress] = summarise(load_run(cfg, ingress))
     res["in_process"] = replica_batching(cfg.max_batch_size, cfg.max_new_tokens, cfg.in_process_repeats)
     return res
 

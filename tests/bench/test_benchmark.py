@@ -53,14 +53,17 @@ def test_targets_are_judged_from_the_numbers():
               "decode": [{"preset": "tiny", "num_beams": 1, "speedup": 2.5}, {"preset": "tiny", "num_beams": 4,
                                                                                 "speedup": 0.5}],
               "data": {"ratio": 3.5, "wait_frac": 0.06},
-              "serve": {"throughput_ratio": 4.2, "p99_ratio_on_over_off": 0.9},
+              "serve": {"ingress": {"proxy": {"throughput_ratio": 2.9, "p99_ratio_on_over_off": 0.4},
+                                    "haproxy": {"throughput_ratio": 4.2, "p99_ratio_on_over_off": 1.1}}},
               "parallel": {"memory": {"TP=2": {"param_ratio": 0.53}}}}
     met = {t["target"]: t["met"] for t in check_targets(suites)}
     assert met == {"train step speed-up vs HF (tiny)": False,
                    "greedy decoding speed-up vs HF generate (tiny)": True,
                    "data pipeline / training consumption": True, "data wait fraction of step time": False,
-                   "dynamic batching throughput / batch size 1": True,
-                   "dynamic batching p99 / batch size 1 p99": True,
+                   "dynamic batching throughput / batch size 1 (proxy)": False,
+                   "dynamic batching p99 / batch size 1 p99 (proxy)": True,
+                   "dynamic batching throughput / batch size 1 (haproxy)": True,
+                   "dynamic batching p99 / batch size 1 p99 (haproxy)": False,
                    "TP=2 per-rank parameter memory / TP=1": False}
 
 
@@ -73,9 +76,19 @@ def test_report_renders_every_suite_section():
               "suites": {"parallel": {"preset": "tiny", "backend": "gloo", "memory": {"TP=1": mem},
                                       "dp_scaling": {"DP=1": {"step_s": 0.5, "examples_per_s": 16.0}},
                                       "dp_speedup": 1.5, "dp_efficiency": 0.75},
-                         "gpu": {"note": "skipped: no CUDA GPU"}}}
+                         "gpu": {"note": "skipped: no CUDA GPU"},
+                         "serve": {"max_batch_size": 16, "concurrency": 32, "duration_s": 10, "rounds": 2,
+                                   "max_new_tokens": 8, "ingress": {"haproxy": {
+                                       "throughput_ratio": 4.25, "p99_ratio_on_over_off": 0.5,
+                                       "batching_on": {"requests_per_s": 180.0, "p50_ms": 170, "p99_ms": 240,
+                                                       "errors": 0, "cpu_ms_per_request": {"proxy": 0.1,
+                                                                                           "replica": 4.9}},
+                                       "batching_off": {"requests_per_s": 42.4, "p50_ms": 700, "p99_ms": 480,
+                                                        "errors": 0}}}}}}
     md = to_markdown(result)
     assert "| TP=1 | 1.00 | 2.00 |" in md and "1.50x" in md and "skipped: no CUDA GPU" in md
+    assert "| HAProxy + direct ingress | batching_on | 180.0 | 170 | 240 | 0 | 0.1 | 4.9 |" in md
+    assert "throughput ratio **4.25x**" in md
 
 
 def test_bad_options_name_the_value(capsys):

@@ -101,3 +101,19 @@ def test_prompts_and_params():
         with pytest.raises(InputError, match=needle):
             check_params(*args, **lim)
     assert trim([5, 6, 1, 0, 0]) == [5, 6, 1] and trim([5, 0, 0]) == [5]
+
+
+def test_launcher_ingress_flags(capsys):
+    from serve.__main__ import parse_args
+    from serve.config import INGRESS_ENV, ingress_env
+
+    assert parse_args(["--checkpoint", "c"]).ingress == "proxy" and ingress_env("proxy") == {}
+    assert parse_args(["--checkpoint", "c", "--ingress", "haproxy"]).ingress == "haproxy"
+    assert ingress_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    ingress_env("haproxy")["X"] = "1"  # a copy: callers cannot change the table
+    assert "X" not in INGRESS_ENV["haproxy"]
+    with pytest.raises(ValueError, match="unknown ingress 'nginx'"):
+        ingress_env("nginx")
+    with pytest.raises(SystemExit):  # a running cluster's ingress was fixed when its nodes started
+        parse_args(["--checkpoint", "c", "--address", "auto", "--ingress", "haproxy"])
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in capsys.readouterr().err
