@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "such as the patch embedding and norms, are a fixed cost a 1.5 M-parameter model "
                         "overweights)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    p.add_argument("--min-time", type=float, default=3.0,
+                   help="train/decode: time at least this many seconds per comparison, adding rounds beyond "
+                        "--repeats (up to 100) for millisecond-scale steps (default 3; 0 = exactly --repeats)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads for both sides of every comparison (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="batch of the train / decode / parallel suites")
@@ -64,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("repeats", "threads", "batch_size", "max_new_tokens", "serve_repeats", "data_examples"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(a, name)}; expected a positive integer")
+    if a.min_time < 0:
+        p.error(f"--min-time={a.min_time}; expected >= 0 seconds")
     if a.serve_duration <= 0:
         p.error(f"--serve-duration={a.serve_duration}; expected > 0 seconds")
     return a
@@ -108,12 +113,13 @@ def _run_suite(suite: str, a: argparse.Namespace, suites: dict) -> None:
         from pali.bench.train import TrainBenchConfig, run_train
 
         suites["train"] = run_train(TrainBenchConfig(presets=a.preset, batch_size=a.batch_size,
-                                                     repeats=a.repeats))
+                                                     repeats=a.repeats, min_time_s=a.min_time))
     elif suite == "decode":
         from pali.bench.decode import DecodeBenchConfig, run_decode
 
         suites["decode"] = run_decode(DecodeBenchConfig(presets=a.preset, batch_size=a.batch_size,
-                                                        max_new_tokens=a.max_new_tokens, repeats=a.repeats))
+                                                        max_new_tokens=a.max_new_tokens, repeats=a.repeats,
+                                                        min_time_s=a.min_time))
     elif suite == "data":
         from pali.bench.data import DataBenchConfig, run_data
 

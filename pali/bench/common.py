@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -63,15 +64,25 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                      min_time_s: float = 0.0, max_repeats: int = 100) -> dict[str, list[float]]:
     """Wall seconds of each function, run in alternating order (A B, B A, ...) so that load on a shared
-    machine hits every side alike. `warmup` untimed rounds first. Returns name -> `repeats` timings."""
+    machine hits every side alike. `warmup` untimed rounds first. Returns name -> timings.
+
+    At least `repeats` rounds; more (up to `max_repeats`) when the warm-up says that `repeats` rounds
+    would take less than `min_time_s`, so that millisecond-scale steps get a median over enough samples
+    to ride out a noisy neighbour (as timeit calibrates its loop count)."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats}; expected >= 1")
     names = list(fns)
+    round_s = 0.0
     for _ in range(warmup):
+        t = time.perf_counter()
         for n in names:
             fns[n]()
+        round_s = time.perf_counter() - t
+    if min_time_s > 0 and round_s > 0:
+        repeats = max(repeats, min(max_repeats, math.ceil(min_time_s / round_s)))
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):

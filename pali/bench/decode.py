@@ -34,6 +34,8 @@ class DecodeBenchConfig:
     """1 = greedy; > 1 = beam search."""
     repeats: int = 5
     """Timed calls per side (median reported)."""
+    min_time_s: float = 3.0
+    """More rounds than `repeats` (up to 100) when `repeats` would time less than this (both sides)."""
     profile: bool = True
     """Profile one extra greedy call per side: share of CPU time in GEMM kernels and the speed-up ceiling."""
 
@@ -58,7 +60,7 @@ def run_decode(cfg: DecodeBenchConfig) -> list[dict]:
             with torch.no_grad():
                 times = time_side_by_side({"ours": partial(model.generate, **inputs, **kw),
                                            "hf": partial(ref.generate, **inputs, **kw, do_sample=False)},
-                                          cfg.repeats, warmup=1)
+                                          cfg.repeats, warmup=1, min_time_s=cfg.min_time_s)
             prof = {}
             if cfg.profile and beams == 1:
                 with torch.no_grad():

@@ -34,6 +34,8 @@ class TrainBenchConfig:
     """Target tokens (odd rows are half padding)."""
     repeats: int = 5
     """Timed steps per side (median reported)."""
+    min_time_s: float = 3.0
+    """More rounds than `repeats` (up to 100) when `repeats` would time less than this (both sides)."""
     loss_tol: float = 1e-4
     """Largest relative loss difference accepted before timing."""
     profile: bool = True
@@ -68,7 +70,8 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
         opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, fused=True)
                 for n, m in (("ours", model), ("hf", ref))}
         times = time_side_by_side({"ours": _step_fn(model, opts["ours"], batch),
-                                   "hf": _step_fn(ref, opts["hf"], batch)}, cfg.repeats, warmup=1)
+                                   "hf": _step_fn(ref, opts["hf"], batch)}, cfg.repeats, warmup=1,
+                                  min_time_s=cfg.min_time_s)
         prof = {n: step_breakdown(f) for n, f in (("ours", _step_fn(model, opts["ours"], batch)),
                                                   ("hf", _step_fn(ref, opts["hf"], batch)))} if cfg.profile else {}
         visual, prompt, target = batch_tokens(model.cfg, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ from pali.bench.report import check_targets, to_markdown
 
 def test_smallest_configuration_end_to_end(tmp_path):
     """train + decode on the tiny preset, 1 repeat: equal losses, identical tokens, a complete report."""
-    assert main(["--suite", "train,decode", "--preset", "tiny", "--repeats", "1", "--batch-size", "4",
-                 "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
+    assert main(["--suite", "train,decode", "--preset", "tiny", "--repeats", "1", "--min-time", "0",
+                 "--batch-size", "4", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     env = res["environment"]
     for key in ("cpu", "cores", "torch", "ray", "transformers", "commit", "date"):
@@ -105,6 +106,11 @@ def test_side_by_side_timing_and_helpers():
     times = time_side_by_side({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2,
                               warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a"] and all(len(v) == 2 for v in times.values())
+    # calibration: 1 repeat asked, but rounds of ~20 ms get enough of them to fill 0.1 s (capped)
+    naps = {"a": lambda: time.sleep(0.01), "b": lambda: time.sleep(0.01)}
+    assert 3 <= len(time_side_by_side(naps, repeats=1, min_time_s=0.1)["a"]) <= 6
+    assert len(time_side_by_side(naps, repeats=1, min_time_s=10.0, max_repeats=7)["b"]) == 7
+    assert len(time_side_by_side(naps, repeats=2, min_time_s=0.0)["a"]) == 2
     from pali.config import get_preset
 
     batch = synthetic_batch(get_preset("tiny"), 4, 8, 6)
