@@ -102,7 +102,8 @@ def run(a: argparse.Namespace, command: str) -> dict:
             print(f"[benchmark] suite {suite} failed: {errors[suite]}", file=sys.stderr, flush=True)
         timings[suite] = round(time.perf_counter() - ts, 1)
         torch.set_num_threads(a.threads)  # a suite's subprocess helpers must not leak other settings
-    return {"command": command, "environment": env, "repeats": a.repeats, "suite_wall_s": timings,
+    return {"command": command, "environment": env, "repeats": a.repeats, "min_time_s": a.min_time,
+            "suite_wall_s": timings,
             "suites": suites, "errors": errors, "targets": check_targets(suites),
             "wall_s": time.perf_counter() - t0}
 

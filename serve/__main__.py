@@ -34,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="proxy",
                    help="HTTP ingress of the local cluster this command starts: proxy (Serve's Python proxy, the "
-                        "default) or haproxy (Ray Serve's throughput-optimised HAProxy + direct ingress; about "
-                        "2x the batched requests/s on 2 cores). A cluster joined with --address keeps its own.")
+                        "default) or haproxy (Ray Serve's throughput-optimised HAProxy + direct ingress; 2-2.7x "
+                        "the batched requests/s on 2 cores). A cluster joined with --address keeps its own.")
     ns = p.parse_args(argv)
     if ns.address and ns.ingress != "proxy":
         p.error(f"--ingress {ns.ingress} with --address: a running cluster's ingress is fixed when its nodes "

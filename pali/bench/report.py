@@ -81,8 +81,10 @@ def to_markdown(result: dict) -> str:
              f"load average at start {env['load_avg_at_start']}",
              f"- software: python {env['python']}, torch {env['torch']}, ray {env['ray']}, "
              f"transformers {env['transformers']}; torch threads {env['torch_threads']} (both sides)",
-             f"- command: `{result['command']}`; every figure is a median over {result['repeats']} repeats; "
-             "ratios are measured side by side in the same run (alternating order)",
+             f"- command: `{result['command']}`; every figure is a median over {result['repeats']} repeats"
+             + (f" (train and decode: more rounds until a comparison times {result['min_time_s']:g} s)"
+                if result.get("min_time_s") else "")
+             + "; ratios are measured side by side in the same run (alternating order)",
              f"- wall time of the run: {result['wall_s']:.0f} s", ""]
     if result.get("errors"):
         lines += ["## Suites that failed", ""] + [f"- {k}: `{v}`" for k, v in result["errors"].items()] + [""]
