@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve.config import INGRESS_ENV, ingress_env  # noqa: E402  (pydantic only: Ray is imported in main)
 
 MODES = {"batching_on": None, "batching_off": 1}
 """Mode name -> max_batch_size (None: the `--max-batch-size` flag)."""
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--app", default="serve.app:build_app",
                    help="application builder as module:function (e.g. another version of the app to compare)")
-    p.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
+    p.add_argument("--ingress", choices=list(INGRESS_ENV), default="proxy",
                    help="Serve's HTTP ingress for this run's Ray session (serve.config.INGRESS_ENV)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     a = p.parse_args(argv)
@@ -253,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
                 "> 0, >= 1")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from serve.config import ingress_env
-
     env = ingress_env(a.ingress)
     if env:
         if "ray.serve" in sys.modules:  # Serve reads these when its modules are imported

@@ -36,6 +36,7 @@ def _csv(value: str, allowed: tuple[str, ...] | None, what: str) -> tuple[str, .
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     from pali.config import PRESETS
+    from serve.config import INGRESS_ENV
 
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
     p.add_argument("--suite", type=lambda v: _csv(v, SUITES, "suite"), default=SUITES,
@@ -56,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-repeats", type=int, default=3,
                    help="serve load rounds (batching on, then off) in one Ray session; median of per-round ratios")
     p.add_argument("--serve-duration", type=float, default=10.0, help="seconds of load per serving mode")
-    p.add_argument("--serve-ingress", type=lambda v: _csv(v, ("proxy", "haproxy"), "ingress"),
-                   default=("proxy", "haproxy"),
+    p.add_argument("--serve-ingress", type=lambda v: _csv(v, tuple(INGRESS_ENV), "ingress"),
+                   default=tuple(INGRESS_ENV),
                    help="Serve HTTP ingresses the serve suite measures, each in its own Ray session "
                         "(default proxy,haproxy; serve.config.INGRESS_ENV)")
     p.add_argument("--data-examples", type=int, default=768, help="synthetic examples of the data suite")

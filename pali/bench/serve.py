@@ -75,7 +75,7 @@ def load_run(cfg: ServeBenchConfig, ingress: str) -> dict:
             if attempt + 1 == cfg.start_attempts:
                 raise RuntimeError(f"serve_load.py --ingress {ingress} failed ({rc}); its output ends:\n{tail}")
             print(f"[serve] {ingress} load run failed ({rc}); retrying", file=sys.stderr)
-    raise AssertionError("unreachable")
+    raise ValueError(f"start_attempts={cfg.start_attempts}; expected >= 1")
 
 
 def summarise(load: dict) -> dict:
