@@ -34,14 +34,15 @@ from pali.data.schema import read_shard
 from pali.data.tasks import choose_task, make_example, row_rng, tokenize_examples
 from pali.tokenizer import Tokenizer
 from pali.train.config import TrainConfig
-from pali.train.optim import build_optimizer, build_scheduler
 from pali.train.trainer import QUICKSTART_LANGS
 from pali.train.vision import build_tower
 
 try:
     from benchmarks.grounding.breakdown import answer_kind
+    from benchmarks.grounding.recipe import train as train_steps
 except ImportError:  # run as a script: its directory is on sys.path
     from breakdown import answer_kind
+    from recipe import train as train_steps
 
 
 def read_rows(paths: list[str], limit: int) -> list[dict]:
@@ -98,8 +99,6 @@ def main(argv: list[str] | None = None) -> None:
     model.vision = lambda tokens: tokens  # the batch carries the frozen tower's output tokens
     tc = TrainConfig(steps=a.steps, lr=a.lr, vision_lr_mult=a.vision_lr_mult)
     weights = tc.task_weights
-    opt = build_optimizer(model.named_parameters(), tc)
-    sched = build_scheduler(opt, tc)
 
     def batch(idx, rows, feats, tasks, seed):
         exs = [make_example(rows[i], t, tok, row_rng(seed, rows[i]["id"], 1)) for i, t in zip(idx, tasks, strict=True)]
@@ -133,19 +132,12 @@ def main(argv: list[str] | None = None) -> None:
         model.train()
         print(f"step {step}: {json.dumps(res)} ({time.time() - start:.0f} s)", flush=True)
 
-    for step in range(a.steps):
+    def next_batch(step: int) -> dict:
         idx = rng.choice(len(train), 32, replace=False)
-        b, _ = batch(idx, train, f_train, [choose_task(train[i], weights, row_rng(step, train[i]["id"])) for i in idx],
-                     step)
-        model(pixel_values=b["pixel_values"], input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-              labels=b["labels"]).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if (step + 1) % a.eval_every == 0:
-            evaluate(step + 1)
+        return batch(idx, train, f_train, [choose_task(train[i], weights, row_rng(step, train[i]["id"]))
+                                           for i in idx], step)[0]
 
+    train_steps(model, tc, next_batch, evaluate, a.eval_every)
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,6 @@ from pali.data.prompts import prompt_templates
 from pali.data.tasks import choose_task, default_task_weights, make_example, row_rng, tokenize_examples
 from pali.tokenizer import Tokenizer
 from pali.train.config import TrainConfig
-from pali.train.optim import build_optimizer, build_scheduler
 
 LANGS = ("en", "fr", "ru", "ar", "hi", "zh")
 
@@ -88,8 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     if a.freeze_vision:
         model.freeze_vision()
     tc = TrainConfig(steps=a.steps, lr=a.lr, vision_lr_mult=a.vision_lr_mult)
-    opt = build_optimizer(model.named_parameters(), tc)
-    sched = build_scheduler(opt, tc)
     rng = np.random.default_rng(0)
     start = time.time()
 
@@ -110,19 +107,16 @@ def main(argv: list[str] | None = None) -> None:
         model.train()
         print(f"step {step}: {json.dumps(res)} ({time.time() - start:.0f} s)", flush=True)
 
-    for step in range(a.steps):
+    def next_batch(step: int) -> dict:
         rows = [train[i] for i in rng.choice(len(train), 32, replace=False)]
-        b, _ = batch(rows, [choose_task(r, weights, row_rng(step, r["id"])) for r in rows], step)
-        loss = model(pixel_values=b["pixel_values"], input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                     labels=b["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if (step + 1) % a.eval_every == 0:
-            evaluate(step + 1)
+        return batch(rows, [choose_task(r, weights, row_rng(step, r["id"])) for r in rows], step)[0]
 
+    try:
+        from benchmarks.grounding.recipe import train as train_steps
+    except ImportError:  # run as a script: its directory is on sys.path
+        from recipe import train as train_steps
+
+    train_steps(model, tc, next_batch, evaluate, a.eval_every)
 
 if __name__ == "__main__":
     main()
