@@ -30,7 +30,7 @@ from pali.config import get_preset
 from pali.data import synthetic
 from pali.data.lexicon import GRAMMARS
 from pali.data.pipeline import list_shards, preprocess_image
-from pali.data.schema import read_shard
+from pali.data.schema import iter_rows
 from pali.data.tasks import choose_task, make_example, row_rng, tokenize_examples
 from pali.tokenizer import Tokenizer
 from pali.train.config import TrainConfig
@@ -46,8 +46,7 @@ except ImportError:  # run as a script: its directory is on sys.path
 
 
 def read_rows(paths: list[str], limit: int) -> list[dict]:
-    rows = (row for path in list_shards(paths) for row in read_shard(path).rows)
-    return list(itertools.islice(rows, limit))
+    return list(itertools.islice(iter_rows(list_shards(paths)), limit))
 
 
 def groups_of(row: dict) -> list:

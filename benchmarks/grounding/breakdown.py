@@ -16,7 +16,7 @@ from collections import Counter
 
 from pali.data.lexicon import COLOURS, GRAMMARS
 from pali.data.pipeline import list_shards
-from pali.data.schema import read_shard
+from pali.data.schema import iter_rows
 
 
 def answer_kind(lang: str, answer: str) -> str:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", nargs="+", default=["data/val"], help="the held-out shards that were evaluated")
     a = p.parse_args(argv)
     kinds = {row["id"]: sum(lab.startswith("shape:") for lab in row["image_labels"] or [])
-             for path in list_shards(a.data) for row in read_shard(path).rows}
+             for row in iter_rows(list_shards(a.data))}
     right, total = Counter(), Counter()
     for line in open(a.predictions, encoding="utf-8"):
         r = json.loads(line)

@@ -50,13 +50,12 @@ def load_labelled(shards: Sequence[str], image_size: int, max_examples: int) -> 
     Rows without labels are passed over; rows whose image does not decode are counted and skipped.
     """
     from pali.data.pipeline import preprocess_image
-    from pali.data.schema import read_shard
+    from pali.data.schema import iter_rows
 
     images: list[np.ndarray] = []
     labels: list[list[str]] = []
     bad = 0
-    rows = (row for path in shards for row in read_shard(path).rows)  # lazy: stops reading at the limit
-    for row in rows:
+    for row in iter_rows(shards):  # lazy: stops reading at the limit
         if not row.get(LABEL_FIELD):
             continue
         try:
