@@ -129,17 +129,23 @@ def cpu_snapshot() -> dict[str, float]:
     except (OSError, ValueError):
         return {}
     snap["machine_busy"] = (sum(cpu) - cpu[3] - cpu[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    snap["load_generator"] = table.get(os.getpid(), (0, "", 0.0))[2]
+    for pid in _descendants(table):
+        snap[_group(table[pid][1])] += table[pid][2]
+    return snap
+
+
+def _descendants(table: dict[int, tuple[int, str, float]]) -> list[int]:
+    """Pids of this process's children, their children, and so on, from a `_proc_table`."""
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    me = os.getpid()
-    snap["load_generator"] = table.get(me, (0, "", 0.0))[2]
-    stack = list(children.get(me, []))
+    out, stack = [], list(children.get(os.getpid(), []))
     while stack:
         pid = stack.pop()
+        out.append(pid)
         stack.extend(children.get(pid, []))
-        snap[_group(table[pid][1])] += table[pid][2]
-    return snap
+    return out
 
 
 def ingress_processes() -> list[str]:
@@ -148,17 +154,8 @@ def ingress_processes() -> list[str]:
         table = _proc_table()
     except OSError:
         return []
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    names, stack = set(), list(children.get(os.getpid(), []))
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        cmd = table[pid][1]
-        if _group(cmd) == "proxy":
-            names.add(cmd.split()[0].rsplit("/", 1)[-1])
-    return sorted(names)
+    cmds = (table[pid][1] for pid in _descendants(table))
+    return sorted({cmd.split()[0].rsplit("/", 1)[-1] for cmd in cmds if _group(cmd) == "proxy"})
 
 
 def cpu_per_request(before: dict, after: dict, wall: float, requests: int) -> dict:
