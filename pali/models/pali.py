@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pali.config import PaLIConfig
-from pali.models.t5 import T5
+from pali.models.t5 import T5, check_labels
 from pali.models.vit import ViT
 
 
@@ -107,10 +107,8 @@ class PaLI(nn.Module):
         logits = self.decode(decoder_input_ids, enc, enc_mask)
         out = PaLIOutput(logits=logits, encoder_hidden_states=enc)
         if labels is not None:
-            v = self.cfg.text.vocab_size
-            bad = (labels != -100) & ((labels < 0) | (labels >= v))
-            if bool(bad.any()):
-                raise ValueError(f"labels must lie in [0, {v}) or be -100 (ignored); got {labels[bad][0].item()}")
+            if not torch.compiler.is_compiling():
+                check_labels(labels, self.cfg.text.vocab_size)
             out.loss, out.num_tokens = target_loss(logits, labels, self.cfg.text.pad_token_id)
         return out
 

@@ -267,6 +267,19 @@ class Decoder(nn.Module):
         return self.dropout(self.final_norm(x))
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "token ids") -> None:
+    """Raise a ValueError naming the vocabulary size when any id lies outside [0, vocab_size)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{what} must lie in [0, {vocab_size}); got min {int(ids.min())}, max {int(ids.max())}")
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Raise a ValueError when a label is neither in [0, vocab_size) nor -100 (ignored by the loss)."""
+    bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {vocab_size}) or be -100 (ignored); got {labels[bad][0].item()}")
+
+
 class T5(nn.Module):
     """Encoder-decoder with shared input embedding and an output head (tied for T5 v1.0)."""
 
@@ -281,9 +294,8 @@ class T5(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings float[B, T, D]; ids out of range raise an error naming the vocabulary size."""
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got min {int(ids.min())}, "
-                             f"max {int(ids.max())}")
+        if not torch.compiler.is_compiling():  # data-dependent; a compiled caller checks eagerly before
+            check_token_ids(ids, self.cfg.vocab_size)
         return self.shared(ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

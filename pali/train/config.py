@@ -80,6 +80,8 @@ class TrainConfig:
     """Pipeline schedule over micro-batches."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
+    compile: bool = False
+    """Run each worker's stage through torch.compile (inductor): faster steps after a one-off compile."""
     checkpoint_every: int = 100
     """Write a sharded checkpoint (and report to Ray) every this many steps."""
     log_every: int = 10

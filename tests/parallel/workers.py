@@ -37,6 +37,7 @@ class Layout:
     full_state: bool = False  # save engine.full_state_dict() from rank 0
     bf16: bool = False  # bfloat16 autocast (compared loosely)
     repeat: bool = False  # then a step on shorter prompts and the first step again (schedule reuse)
+    compile: bool = False  # torch.compile the stage (`build_engine(compile=True)`)
 
     @property
     def world(self) -> int:
@@ -67,7 +68,7 @@ def _run_one(rank: int, lay: Layout, out: str) -> None:
     grid = Grid.init(dp=lay.dp, pp=lay.pp, tp=lay.tp)
     engine = build_engine(cfg, grid, seed=0, dp_mode=lay.dp_mode, schedule=lay.schedule,
                           num_microbatches=lay.microbatches, activation_checkpointing=lay.activation_checkpointing,
-                          autocast_dtype=torch.bfloat16 if lay.bf16 else None)
+                          autocast_dtype=torch.bfloat16 if lay.bf16 else None, compile=lay.compile)
     full = engine.full_state_dict() if lay.full_state else None
     batch = dp_share(global_batch(cfg), grid.dp, grid.dp_rank)
     engine.zero_grad()

@@ -164,3 +164,12 @@ def test_plan_length_queues_what_the_steps_need_not_extra_epochs():
     assert plan_length(1500 * 32, 16 * 256, 16) == 252  # independent of how many distinct shards
     assert plan_length(32, 128 * 256, 128) == 9
     assert plan_length(100, None, 4) == 11  # unknown row counts (remote shards): 64 rows per shard assumed
+
+
+def test_compile_flag_reaches_the_config_and_round_trips():
+    """`--compile` sets TrainConfig.compile (off by default), which the workers get through to_dict/from_dict."""
+    from jobs.pretrain import parse_args
+
+    assert parse_args([])[0].compile is False
+    cfg = parse_args(["--compile"])[0]
+    assert cfg.compile is True and TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).compile is True
