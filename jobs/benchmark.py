@@ -1,7 +1,7 @@
 """Benchmark harness: PaLI against the implementations users would pick instead.
 
     python -m jobs.benchmark --out bench-out                       # every suite, tiny + small presets
-    python -m jobs.benchmark --suite train,decode --preset tiny --repeats 1 --out /tmp/b   # smoke size
+    python -m jobs.benchmark --suite train,decode --preset tiny --repeats 1 --compile none --out /tmp/b  # smoke
 
 Suites: train (train step vs HF-assembled MT5 + SigLIP/ViT + projector, with MFU), decode (KV-cache
 greedy / beam vs HF generate), data (Ray Data pipeline vs training consumption, data-wait fraction),
@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=3.0,
                    help="train/decode: time at least this many seconds per comparison, adding rounds beyond "
                         "--repeats (up to 100) for millisecond-scale steps (default 3; 0 = exactly --repeats)")
+    p.add_argument("--compile", type=lambda v: () if v == "none" else _csv(v, tuple(PRESETS), "preset"),
+                   default=("tiny",), metavar="PRESETS",
+                   help="train suite: presets also timed with both sides under torch.compile, or 'none' "
+                        "(default tiny; a cold compile per side costs 1-3.5 min)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads for both sides of every comparison (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="batch of the train / decode / parallel suites")
@@ -115,7 +119,8 @@ def _run_suite(suite: str, a: argparse.Namespace, suites: dict) -> None:
         from pali.bench.train import TrainBenchConfig, run_train
 
         suites["train"] = run_train(TrainBenchConfig(presets=a.preset, batch_size=a.batch_size,
-                                                     repeats=a.repeats, min_time_s=a.min_time))
+                                                     repeats=a.repeats, min_time_s=a.min_time,
+                                                     compile_presets=a.compile))
     elif suite == "decode":
         from pali.bench.decode import DecodeBenchConfig, run_decode
 

@@ -4,10 +4,17 @@ Both sides get the same config, the weights (exported with `to_hf`), the batch, 
 AdamW, as the trainer and Hugging Face Trainer both default to) and the thread count; the losses are
 checked equal before anything is timed, and the steps alternate. MFU is computed from
 `flops_per_example` and `pali.train.metrics.peak_flops` exactly as the trainer logs it.
+
+For the presets in `compile_presets` both sides are also timed under `torch.compile` (inductor), in the
+same alternation: ours as the trainer's `--compile` runs it (`compile_stage` on the stage module, the loss
+eager), Hugging Face's as `torch.compile(model)`, each on its own copy of the weights with its own
+optimizer. The first (compiling) step of each is timed apart, and the compiled losses are checked against
+the eager ones first.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,15 +47,57 @@ class TrainBenchConfig:
     """Largest relative loss difference accepted before timing."""
     profile: bool = True
     """Profile one extra step per side: share of CPU time in GEMMs and the optimizer, operator calls."""
+    compile_presets: tuple[str, ...] = ("tiny",)
+    """Presets also timed with both sides under torch.compile (a cold compile per side: 1-3.5 min each)."""
 
 
-def _step_fn(module, opt, batch):
+def _step_fn(module, opt, batch, loss_fn=None):
     def step() -> None:
-        loss = module(**batch).loss
+        loss = module(**batch).loss if loss_fn is None else loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def _adamw(module):
+    return torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, fused=True)
+
+
+def _compiled_sides(preset: str, batch: dict, want: dict[str, float], tol: float) -> tuple[dict, dict, dict]:
+    """Step functions of both sides under torch.compile, their compile (first-step) seconds and first losses."""
+    from pali.models.pali import target_loss
+    from pali.parallel.engine import compile_stage
+    from pali.parallel.stages import FullStage
+
+    model = pali.create_model(preset, seed=0).train()
+    ref = hf_reference(model).train()
+    stage = FullStage(model)  # what a trainer worker runs with --compile (pp = 1)
+    compile_stage(stage)
+    compiled_ref = torch.compile(ref)
+    image_mask = torch.ones(batch["input_ids"].shape[0], dtype=torch.long)
+    pad = model.cfg.text.pad_token_id
+
+    def ours_loss() -> torch.Tensor:
+        logits = stage(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], image_mask,
+                       batch["labels"])
+        return target_loss(logits, batch["labels"], pad)[0]
+
+    losses, compile_s = {}, {}
+    for name, fn in (("ours", ours_loss), ("hf", lambda: compiled_ref(**batch).loss)):
+        t = time.perf_counter()
+        loss = fn()
+        loss.backward()  # the backward graph compiles here too
+        compile_s[name] = time.perf_counter() - t
+        losses[name] = float(loss.detach())
+        rel = abs(losses[name] - want[name]) / max(abs(want[name]), 1e-12)
+        if rel > tol:
+            raise AssertionError(f"{preset}: compiled {name} loss {losses[name]:.6f} != eager {want[name]:.6f}")
+    model.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+    fns = {"ours_compiled": _step_fn(stage, _adamw(model), batch, ours_loss),
+           "hf_compiled": _step_fn(compiled_ref, _adamw(ref), batch)}
+    return fns, compile_s, losses
 
 
 def run_train(cfg: TrainBenchConfig) -> list[dict]:
@@ -67,11 +116,13 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
         ref.zero_grad(set_to_none=True)
         # Fused AdamW on both sides: the trainer's optimizer (`pali.train.optim`) and Hugging Face Trainer's
         # default (`adamw_torch_fused` with torch >= 2.8).
-        opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, fused=True)
-                for n, m in (("ours", model), ("hf", ref))}
-        times = time_side_by_side({"ours": _step_fn(model, opts["ours"], batch),
-                                   "hf": _step_fn(ref, opts["hf"], batch)}, cfg.repeats, warmup=1,
-                                  min_time_s=cfg.min_time_s)
+        opts = {n: _adamw(m) for n, m in (("ours", model), ("hf", ref))}
+        fns = {"ours": _step_fn(model, opts["ours"], batch), "hf": _step_fn(ref, opts["hf"], batch)}
+        compiled, compile_s, compiled_loss = ({}, {}, {})
+        if preset in cfg.compile_presets:
+            compiled, compile_s, compiled_loss = _compiled_sides(preset, batch, {"ours": ours_loss, "hf": hf_loss},
+                                                                 cfg.loss_tol)
+        times = time_side_by_side({**fns, **compiled}, cfg.repeats, warmup=1, min_time_s=cfg.min_time_s)
         prof = {n: step_breakdown(f) for n, f in (("ours", _step_fn(model, opts["ours"], batch)),
                                                   ("hf", _step_fn(ref, opts["hf"], batch)))} if cfg.profile else {}
         visual, prompt, target = batch_tokens(model.cfg, batch)
@@ -93,5 +144,14 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
                      "hf_attn_implementation": ref.t5.config._attn_implementation,
                      "times_ours": times["ours"], "times_hf": times["hf"], "profile": prof,
                      "ceiling": speedup_ceiling(prof["hf"]) if prof else None})
+        if compiled:
+            t_oc, t_hc = median(times["ours_compiled"]), median(times["hf_compiled"])
+            rows[-1].update({"compiled": {
+                "step_s_ours": t_oc, "step_s_hf": t_hc, "examples_per_s_ours": b / t_oc, "examples_per_s_hf": b / t_hc,
+                "compile_s_ours": compile_s["ours"], "compile_s_hf": compile_s["hf"],
+                "loss_ours": compiled_loss["ours"], "loss_hf": compiled_loss["hf"],
+                "speedup_vs_hf_eager": t_hf / t_oc, "speedup_vs_hf_compiled": t_hc / t_oc,
+                "speedup_over_own_eager": t_ours / t_oc,
+                "times_ours": times["ours_compiled"], "times_hf": times["hf_compiled"]}})
     return rows
 

@@ -18,7 +18,7 @@ from pali.bench.report import check_targets, to_markdown
 def test_smallest_configuration_end_to_end(tmp_path):
     """train + decode on the tiny preset, 1 repeat: equal losses, identical tokens, a complete report."""
     assert main(["--suite", "train,decode", "--preset", "tiny", "--repeats", "1", "--min-time", "0",
-                 "--batch-size", "4", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
+                 "--compile", "none", "--batch-size", "4", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     env = res["environment"]
     for key in ("cpu", "cores", "torch", "ray", "transformers", "commit", "date"):
@@ -68,6 +68,28 @@ def test_targets_are_judged_from_the_numbers():
                    "TP=2 per-rank parameter memory / TP=1": False}
 
 
+def test_compiled_train_rows_are_judged_and_rendered():
+    """The train suite's torch.compile figures: two more targets (vs HF eager, vs HF compiled) and a table."""
+    compiled = {"step_s_ours": 0.04, "step_s_hf": 0.05, "examples_per_s_ours": 200.0, "examples_per_s_hf": 160.0,
+                "compile_s_ours": 81.6, "compile_s_hf": 52.0, "speedup_vs_hf_eager": 1.5,
+                "speedup_vs_hf_compiled": 1.25, "speedup_over_own_eager": 1.3}
+    row = {"preset": "tiny", "speedup": 1.2, "params": 1.5e6, "batch_size": 8, "tokens_per_step": 264,
+           "loss_ours": 8.0, "loss_hf": 8.0, "examples_per_s_ours": 150.0, "examples_per_s_hf": 125.0,
+           "tokens_per_s_ours": 1.0, "tokens_per_s_hf": 1.0, "mfu_as_trainer_reports": 0.1,
+           "mfu_of_used_threads": 0.2, "compiled": compiled}
+    met = {t["target"]: t["met"] for t in check_targets({"train": [row]})}
+    assert met == {"train step speed-up vs HF (tiny)": False,
+                   "train step speed-up vs HF (tiny, PaLI --compile vs HF eager)": True,
+                   "train step speed-up vs HF (tiny, both compiled)": False}
+    md = to_markdown({"command": "c", "repeats": 1, "wall_s": 1.0, "targets": check_targets({"train": [row]}),
+                      "environment": {"date": "d", "commit": "abc", "cpu": "cpu", "cores": 2, "gpu": None,
+                                      "load_avg_at_start": [1, 1, 1], "python": "3", "torch": "t", "ray": "r",
+                                      "transformers": "h", "torch_threads": 1},
+                      "suites": {"train": [row]}})
+    assert "| tiny | 200.0 | 160.0 | 82 / 52 | 1.50x | 1.25x | 1.30x |" in md
+    assert "| train step speed-up vs HF (tiny, both compiled) | 1.25x | >= 1.30x | NO |" in md
+
+
 def test_report_renders_every_suite_section():
     mem = {"param_bytes": 2 ** 20, "optimizer_bytes": 2 ** 21, "param_ratio": 1.0, "total_ratio": 1.0}
     result = {"command": "python -m jobs.benchmark --out x", "repeats": 3, "wall_s": 1.0, "targets": [],
@@ -99,6 +121,11 @@ def test_bad_options_name_the_value(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--repeats", "0", "--out", "x"])
     assert "--repeats=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--compile", "tiny,huge", "--out", "x"])
+    assert "huge" in capsys.readouterr().err
+    assert parse_args(["--out", "x"]).compile == ("tiny",)
+    assert parse_args(["--compile", "none", "--out", "x"]).compile == ()
 
 
 def test_side_by_side_timing_and_helpers():
