@@ -87,10 +87,22 @@ class ViT(nn.Module):
             raise ValueError(f"image is {got}; expected {c}x{s}x{s} (float[B, {c}, {s}, {s}]). "
                              f"Use model.set_image_size(n) to run at another resolution.")
 
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch convolution as one matmul over non-overlapping patches: float[B, C, H, W] -> [B, N, W].
+
+        Stride = kernel, so the conv is exactly a linear map of each flattened (C, p, p) patch; as a GEMM its
+        backward is one matmul instead of a convolution backward (1-2 % of a CPU train step). The weight
+        keeps the conv layout [W, C, p, p], so checkpoints are unchanged.
+        """
+        b, c, h, w = pixel_values.shape
+        p = self.cfg.patch_size
+        x = pixel_values.to(self.patch_embed.weight.dtype).reshape(b, c, h // p, p, w // p, p)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)  # patches row-major
+        return F.linear(x, self.patch_embed.weight.reshape(self.patch_embed.out_channels, -1), self.patch_embed.bias)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self.check_pixels(pixel_values)
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, W, h, w)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, W)
+        x = self.embed_patches(pixel_values)  # (B, N, W)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos_embed

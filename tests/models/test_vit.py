@@ -83,3 +83,19 @@ def test_set_image_size_keeps_frozen_state():
     tower.requires_grad_(False)
     tower.set_image_size(48)
     assert not tower.pos_embed.requires_grad
+
+
+def test_patch_embedding_as_a_matmul_equals_the_convolution():
+    """`embed_patches` (one GEMM over flattened patches) is the stride = kernel conv, values and gradients."""
+    torch.manual_seed(0)
+    tower = ViT(small_cfg(image_size=24, patch_size=8))
+    x = torch.randn(3, 3, 24, 24)
+    got = tower.embed_patches(x)
+    want = tower.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, W), patches row-major
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(want)
+    dw_got, db_got = torch.autograd.grad(got, (tower.patch_embed.weight, tower.patch_embed.bias), g)
+    dw_want, db_want = torch.autograd.grad(tower.patch_embed(x).flatten(2).transpose(1, 2),
+                                           (tower.patch_embed.weight, tower.patch_embed.bias), g)
+    torch.testing.assert_close(dw_got, dw_want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(db_got, db_want, atol=1e-4, rtol=1e-4)
