@@ -57,12 +57,13 @@ class PaLI(nn.Module):
         self.vision_tower.set_image_size(image_size)
 
     def encode(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
-               attention_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               attention_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+               input_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder states float[B, P+S, D] and their mask int[B, P+S] (P = 0 for text-only input).
 
         image_mask: optional int[B]; 0 marks a text-only example in a mixed batch, whose visual tokens are
-        masked out of attention.
+        masked out of attention. input_embeds: the prompt's embeddings float[B, S, D] when the caller
+        looked them up already (`T5.embed_many`).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be int[B, S]; got shape {tuple(input_ids.shape)}")
@@ -71,7 +72,7 @@ class PaLI(nn.Module):
         elif attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        x = self.text.embed(input_ids)  # (B, S, D)
+        x = self.text.embed(input_ids) if input_embeds is None else input_embeds  # (B, S, D)
         mask = attention_mask.long()
         if pixel_values is not None:
             if pixel_values.shape[0] != input_ids.shape[0]:
@@ -99,12 +100,15 @@ class PaLI(nn.Module):
         """
         if input_ids is None:
             raise ValueError("input_ids is required (int[B, S] prompt tokens)")
-        enc, enc_mask = self.encode(pixel_values, input_ids, attention_mask, image_mask)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("give decoder_input_ids or labels")
             decoder_input_ids = self.text.shift_right(labels)
-        logits = self.decode(decoder_input_ids, enc, enc_mask)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be int[B, S]; got shape {tuple(input_ids.shape)}")
+        prompt, dec = self.text.embed_many(input_ids, decoder_input_ids)  # one lookup, one embedding backward
+        enc, enc_mask = self.encode(pixel_values, input_ids, attention_mask, image_mask, input_embeds=prompt)
+        logits = self.text.logits(self.text.decoder(dec, enc, enc_mask))
         out = PaLIOutput(logits=logits, encoder_hidden_states=enc)
         if labels is not None:
             if not torch.compiler.is_compiling():

@@ -298,6 +298,17 @@ class T5(nn.Module):
             check_token_ids(ids, self.cfg.vocab_size)
         return self.shared(ids)
 
+    def embed_many(self, *ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Embeddings of several id tensors through one lookup: float[*ids_i.shape, D] each.
+
+        A training step embeds the prompt and the decoder input; one lookup means one embedding backward,
+        i.e. one dense [vocab, D] gradient to zero-fill and scatter into instead of two plus their sum
+        (250k x D floats per lookup for mT5's vocabulary).
+        """
+        flat = self.embed(torch.cat([i.reshape(-1) for i in ids]))
+        return tuple(part.view(*i.shape, -1) for i, part in zip(ids, flat.split([i.numel() for i in ids]),
+                                                                 strict=True))
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Decoder hidden float[B, T, D] -> logits float[B, T, V]."""
         if self.cfg.tie_word_embeddings:

@@ -102,9 +102,10 @@ class FullStage(nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits float[B, T, V/tp] for teacher-forced targets."""
-        enc, enc_mask = self.model.encode(pixel_values, input_ids, attention_mask, image_mask)
         dec_in = self.model.text.shift_right(labels)  # (B, T)
-        h = self.model.text.decoder(self.model.text.embed(dec_in), enc, enc_mask)
+        prompt, dec = self.model.text.embed_many(input_ids, dec_in)  # one lookup, one embedding backward
+        enc, enc_mask = self.model.encode(pixel_values, input_ids, attention_mask, image_mask, input_embeds=prompt)
+        h = self.model.text.decoder(dec, enc, enc_mask)
         return _logits(self.model, h)
 
 
