@@ -303,11 +303,12 @@ class T5(nn.Module):
 
         A training step embeds the prompt and the decoder input; one lookup means one embedding backward,
         i.e. one dense [vocab, D] gradient to zero-fill and scatter into instead of two plus their sum
-        (250k x D floats per lookup for mT5's vocabulary).
+        (250k x D floats per lookup for mT5's vocabulary). Each part is copied out to its own storage: a
+        view would keep the whole lookup alive until backward wherever autograd saves that part.
         """
         flat = self.embed(torch.cat([i.reshape(-1) for i in ids]))
-        return tuple(part.view(*i.shape, -1) for i, part in zip(ids, flat.split([i.numel() for i in ids]),
-                                                                 strict=True))
+        return tuple(part.reshape(*i.shape, -1).clone()
+                     for i, part in zip(ids, flat.split([i.numel() for i in ids]), strict=True))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Decoder hidden float[B, T, D] -> logits float[B, T, V]."""
