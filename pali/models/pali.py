@@ -104,8 +104,6 @@ class PaLI(nn.Module):
             if labels is None:
                 raise ValueError("give decoder_input_ids or labels")
             decoder_input_ids = self.text.shift_right(labels)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be int[B, S]; got shape {tuple(input_ids.shape)}")
         prompt, dec = self.text.embed_many(input_ids, decoder_input_ids)  # one lookup, one embedding backward
         enc, enc_mask = self.encode(pixel_values, input_ids, attention_mask, image_mask, input_embeds=prompt)
         logits = self.text.logits(self.text.decoder(dec, enc, enc_mask))
