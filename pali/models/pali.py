@@ -86,10 +86,16 @@ class PaLI(nn.Module):
             mask = torch.cat([vmask, mask], dim=1)
         return self.text.encoder(x, mask), mask
 
-    def decode(self, decoder_input_ids: torch.Tensor, enc: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:
-        """Logits float[B, T, V] for teacher-forced decoder inputs."""
-        h = self.text.decoder(self.text.embed(decoder_input_ids), enc, enc_mask)
-        return self.text.logits(h)
+    def teacher_forced(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None, image_mask: torch.Tensor | None,
+                       decoder_input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits float[B, T, V] for teacher-forced decoder inputs, and the encoder states float[B, P+S, D].
+
+        Prompt and decoder inputs go through one embedding lookup (`T5.embed_many`): one embedding backward.
+        """
+        prompt, dec = self.text.embed_many(input_ids, decoder_input_ids)
+        enc, enc_mask = self.encode(pixel_values, input_ids, attention_mask, image_mask, input_embeds=prompt)
+        return self.text.logits(self.text.decoder(dec, enc, enc_mask)), enc
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
@@ -104,9 +110,7 @@ class PaLI(nn.Module):
             if labels is None:
                 raise ValueError("give decoder_input_ids or labels")
             decoder_input_ids = self.text.shift_right(labels)
-        prompt, dec = self.text.embed_many(input_ids, decoder_input_ids)  # one lookup, one embedding backward
-        enc, enc_mask = self.encode(pixel_values, input_ids, attention_mask, image_mask, input_embeds=prompt)
-        logits = self.text.logits(self.text.decoder(dec, enc, enc_mask))
+        logits, enc = self.teacher_forced(pixel_values, input_ids, attention_mask, image_mask, decoder_input_ids)
         out = PaLIOutput(logits=logits, encoder_hidden_states=enc)
         if labels is not None:
             if not torch.compiler.is_compiling():

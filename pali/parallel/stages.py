@@ -103,10 +103,7 @@ class FullStage(nn.Module):
                 image_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits float[B, T, V/tp] for teacher-forced targets."""
         dec_in = self.model.text.shift_right(labels)  # (B, T)
-        prompt, dec = self.model.text.embed_many(input_ids, dec_in)  # one lookup, one embedding backward
-        enc, enc_mask = self.model.encode(pixel_values, input_ids, attention_mask, image_mask, input_embeds=prompt)
-        h = self.model.text.decoder(dec, enc, enc_mask)
-        return _logits(self.model, h)
+        return self.model.teacher_forced(pixel_values, input_ids, attention_mask, image_mask, dec_in)[0]
 
 
 class EncoderStage(nn.Module):
