@@ -30,6 +30,7 @@ from pali.parallel.stages import (
     SHARED_ACROSS_STAGES,
     TokenLoss,
     build_stage_model,
+    iter_blocks,
     stage_io_meta,
     stage_module,
 )
@@ -341,10 +342,8 @@ def _reshard(module: nn.Module) -> None:
 
 def _checkpoint_blocks(model: nn.Module) -> None:
     """Recompute each transformer block's activations in backward (keeps parameter names unchanged)."""
-    for name, mod in model.named_modules():
-        if name.endswith(".blocks"):
-            for block in mod:
-                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    for block in iter_blocks(model):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def materialise_shards(cfg: PaLIConfig, specs: Mapping[str, ShardSpec], full_state=None, seed: int = 0,
@@ -421,10 +420,8 @@ def compile_stage(module: nn.Module, per_block: bool = False) -> None:
     if not per_block:
         module.compile()
         return
-    for name, mod in module.named_modules():
-        if name.endswith(".blocks"):
-            for block in mod:
-                block.compile()
+    for block in iter_blocks(module):
+        block.compile()
 
 
 def _wrap_dp(module: nn.Module, grid: Grid, dp_mode: str, device: torch.device) -> nn.Module:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pali.parallel.grid import Grid
+from pali.parallel.stages import iter_blocks
 
 
 def wrap_fsdp(module: nn.Module, grid: Grid, device: torch.device) -> nn.Module:
@@ -20,12 +21,10 @@ def wrap_fsdp(module: nn.Module, grid: Grid, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = DeviceMesh.from_group(grid.dp_group, device_type=device.type)
-    for name, mod in module.named_modules():
-        if name.endswith(".blocks"):
-            for block in mod:
-                # The T5 stack reads block 0's relative_attention_bias outside block 0's forward, so that
-                # block stays in the root unit (unsharded for the whole stage forward).
-                if not any(n.endswith("relative_attention_bias") for n, _ in block.named_modules()):
-                    fully_shard(block, mesh=mesh)
+    for block in iter_blocks(module):
+        # The T5 stack reads block 0's relative_attention_bias outside block 0's forward, so that
+        # block stays in the root unit (unsharded for the whole stage forward).
+        if not any(n.endswith("relative_attention_bias") for n, _ in block.named_modules()):
+            fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
     return module

@@ -46,6 +46,13 @@ STAGE_PARTS: dict[int, list[tuple[str, ...]]] = {
 `pali.parallel.deep`; the config must have at least ceil(pp/2) encoder and floor(pp/2) decoder blocks)."""
 
 SHARED_ACROSS_STAGES = ("text.shared.weight",)
+
+
+def iter_blocks(module: nn.Module):
+    """Every transformer block (an item of a `.blocks` ModuleList) under `module`, in module order."""
+    for name, mod in module.named_modules():
+        if name.endswith(".blocks"):
+            yield from mod
 """Parameters held by two stages (0 and the first decoder-side one); gradients summed over Grid.embed_group."""
 
 
