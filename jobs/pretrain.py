@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     g.add_argument("--activation-checkpointing", action="store_true")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each worker's stage (faster steps after a one-off compile)")
+    g.add_argument("--no-trim-padding", dest="trim_padding", action="store_false",
+                   help="keep every batch at the padded lengths and the output head at every target position "
+                        "(default: cut all-padding tail columns, head at real targets; pp = 1 without --compile)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir)
     g.add_argument("--name", default=d.name, help="run name; rerunning with the same name resumes")
@@ -102,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         cpus_per_worker=a.cpus_per_worker,
         worker_resources=json.loads(a.worker_resources) if a.worker_resources else {},
         use_gpu=a.use_gpu, dp_mode=a.dp_mode, pp_schedule=a.pp_schedule,
-        activation_checkpointing=a.activation_checkpointing, compile=a.compile, checkpoint_every=a.checkpoint_every,
+        activation_checkpointing=a.activation_checkpointing, compile=a.compile, trim_padding=a.trim_padding,
+        checkpoint_every=a.checkpoint_every,
         log_every=a.log_every, output_dir=a.output_dir, name=a.name, storage_path=a.storage_path,
         max_failures=a.max_failures, eval_examples=a.eval_examples, fail_at_step=a.fail_at_step,
         step_delay_s=a.step_delay)

@@ -2,7 +2,8 @@
 
 Both sides get the same config, the weights (exported with `to_hf`), the batch, the optimizer (fused
 AdamW, as the trainer and Hugging Face Trainer both default to) and the thread count; the losses are
-checked equal before anything is timed, and the steps alternate. MFU is computed from
+checked equal before anything is timed, and the steps alternate. Ours is a trainer worker's step at
+pp = 1 (`trainer_loss`: all-padding tail columns cut, the output head at real targets only). MFU is computed from
 `flops_per_example` and `pali.train.metrics.peak_flops` exactly as the trainer logs it.
 
 For the presets in `compile_presets` both sides are also timed under `torch.compile` (inductor), in the
@@ -64,25 +65,39 @@ def _adamw(module):
     return torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, fused=True)
 
 
+def trainer_loss(model, batch: dict, compiled: bool = False):
+    """A closure computing the batch's loss as a trainer worker does at pp = 1 (`Engine._step`).
+
+    Eager: the batch's all-padding tail columns cut (`trim_padding`), `FullStage` with the output head at
+    real targets only, `TokenLoss`. With `compiled`: the stage through `compile_stage`, full logits, fixed
+    shapes. Returns (loss_fn, stage).
+    """
+    from pali.parallel.engine import compile_stage, trim_padding
+    from pali.parallel.stages import FullStage, TokenLoss, real_targets
+
+    pad = model.cfg.text.pad_token_id
+    stage = FullStage(model, packed_head=not compiled)
+    if compiled:
+        compile_stage(stage)
+    token_loss = TokenLoss(pad, vocab_parallel=False)
+    image_mask = torch.ones(batch["input_ids"].shape[0], dtype=torch.long)
+
+    def loss() -> torch.Tensor:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if not compiled:
+            ids, mask, labels = trim_padding(ids, mask, labels, pad)
+        token_loss.denominator = max(int(real_targets(labels, pad).sum()), 1)
+        token_loss.records.clear()
+        return token_loss(stage(batch["pixel_values"], ids, mask, image_mask, labels), labels)
+    return loss, stage
+
+
 def _compiled_sides(preset: str, batch: dict, want: dict[str, float], tol: float) -> tuple[dict, dict, dict]:
     """Step functions of both sides under torch.compile, their compile (first-step) seconds and first losses."""
-    from pali.models.pali import target_loss
-    from pali.parallel.engine import compile_stage
-    from pali.parallel.stages import FullStage
-
     model = pali.create_model(preset, seed=0).train()
     ref = hf_reference(model).train()
-    stage = FullStage(model)  # what a trainer worker runs with --compile (pp = 1)
-    compile_stage(stage)
+    ours_loss, stage = trainer_loss(model, batch, compiled=True)  # what a worker runs with --compile (pp = 1)
     compiled_ref = torch.compile(ref)
-    image_mask = torch.ones(batch["input_ids"].shape[0], dtype=torch.long)
-    pad = model.cfg.text.pad_token_id
-
-    def ours_loss() -> torch.Tensor:
-        logits = stage(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], image_mask,
-                       batch["labels"])
-        return target_loss(logits, batch["labels"], pad)[0]
-
     losses, compile_s = {}, {}
     for name, fn in (("ours", ours_loss), ("hf", lambda: compiled_ref(**batch).loss)):
         t = time.perf_counter()
@@ -107,7 +122,8 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
         model = pali.create_model(preset, seed=0).train()
         ref = hf_reference(model).train()
         batch = synthetic_batch(model.cfg, cfg.batch_size, cfg.prompt_len, cfg.target_len)
-        ours_loss, hf_loss = float(model(**batch).loss.detach()), float(ref(**batch).loss.detach())
+        ours_fn = trainer_loss(model, batch)[0]  # the trainer's step: trimmed batch, head at real targets
+        ours_loss, hf_loss = float(ours_fn().detach()), float(ref(**batch).loss.detach())
         rel = abs(ours_loss - hf_loss) / max(abs(hf_loss), 1e-12)
         if rel > cfg.loss_tol:
             raise AssertionError(f"{preset}: PaLI loss {ours_loss:.6f} != HF-assembled loss {hf_loss:.6f} "
@@ -117,13 +133,13 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
         # Fused AdamW on both sides: the trainer's optimizer (`pali.train.optim`) and Hugging Face Trainer's
         # default (`adamw_torch_fused` with torch >= 2.8).
         opts = {n: _adamw(m) for n, m in (("ours", model), ("hf", ref))}
-        fns = {"ours": _step_fn(model, opts["ours"], batch), "hf": _step_fn(ref, opts["hf"], batch)}
+        fns = {"ours": _step_fn(model, opts["ours"], batch, ours_fn), "hf": _step_fn(ref, opts["hf"], batch)}
         compiled, compile_s, compiled_loss = ({}, {}, {})
         if preset in cfg.compile_presets:
             compiled, compile_s, compiled_loss = _compiled_sides(preset, batch, {"ours": ours_loss, "hf": hf_loss},
                                                                  cfg.loss_tol)
         times = time_side_by_side({**fns, **compiled}, cfg.repeats, warmup=1, min_time_s=cfg.min_time_s)
-        prof = {n: step_breakdown(f) for n, f in (("ours", _step_fn(model, opts["ours"], batch)),
+        prof = {n: step_breakdown(f) for n, f in (("ours", _step_fn(model, opts["ours"], batch, ours_fn)),
                                                   ("hf", _step_fn(ref, opts["hf"], batch)))} if cfg.profile else {}
         visual, prompt, target = batch_tokens(model.cfg, batch)
         tokens = visual + prompt + target

@@ -88,14 +88,20 @@ class PaLI(nn.Module):
 
     def teacher_forced(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None, image_mask: torch.Tensor | None,
-                       decoder_input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       decoder_input_ids: torch.Tensor, keep: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits float[B, T, V] for teacher-forced decoder inputs, and the encoder states float[B, P+S, D].
 
         Prompt and decoder inputs go through one embedding lookup (`T5.embed_many`): one embedding backward.
+        keep: optional bool[B, T]; the output head then runs only at those positions and the logits are
+        float[N, V], one row per kept position in row-major order (N = keep.sum()). Training keeps the
+        real targets: the head and the loss skip padding, which for mT5's 250k vocabulary is most of the
+        decoder's cost per padded position.
         """
         prompt, dec = self.text.embed_many(input_ids, decoder_input_ids)
         enc, enc_mask = self.encode(pixel_values, input_ids, attention_mask, image_mask, input_embeds=prompt)
-        return self.text.logits(self.text.decoder(dec, enc, enc_mask)), enc
+        h = self.text.decoder(dec, enc, enc_mask)
+        return self.text.logits(h if keep is None else h[keep]), enc
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,

@@ -311,7 +311,7 @@ class T5(nn.Module):
                      for i, part in zip(ids, flat.split([i.numel() for i in ids]), strict=True))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Decoder hidden float[B, T, D] -> logits float[B, T, V]."""
+        """Decoder hidden float[..., D] -> logits float[..., V]."""
         if self.cfg.tie_word_embeddings:
             return F.linear(h * self.cfg.d_model ** -0.5, self.shared.weight)
         return self.lm_head(h)

@@ -31,6 +31,7 @@ from pali.parallel.stages import (
     TokenLoss,
     build_stage_model,
     iter_blocks,
+    real_targets,
     stage_io_meta,
     stage_module,
 )
@@ -57,9 +58,11 @@ class Engine:
 
     def __init__(self, cfg: PaLIConfig, grid: Grid, model: nn.Module, specs: dict[str, ShardSpec],
                  module: nn.Module, dp_mode: str, schedule: str, num_microbatches: int,
-                 device: torch.device, autocast_dtype: torch.dtype | None, compiled: bool = False):
+                 device: torch.device, autocast_dtype: torch.dtype | None, compiled: bool = False,
+                 trim: bool = False):
         self.cfg, self.grid, self.model, self.specs = cfg, grid, model, specs
         self.compiled = compiled  # the stage runs through torch.compile (`compile_stage`)
+        self.trim = trim  # cut each batch's all-padding tail columns (`trim_padding`)
         self.module = module  # the stage module, wrapped by DDP / FSDP when dp > 1
         self.dp_mode, self.schedule_name = dp_mode, schedule
         self.num_microbatches, self.device, self.autocast_dtype = num_microbatches, device, autocast_dtype
@@ -139,12 +142,16 @@ class Engine:
     def _step(self, batch: Mapping[str, torch.Tensor], train: bool) -> StepResult:
         b = self._check_batch(batch)
         g = self.grid
-        args = [batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                batch.get("image_mask", torch.ones(b, dtype=torch.long)), batch["labels"]]
+        pad = self.cfg.text.pad_token_id
+        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if self.trim:
+            input_ids, attention_mask, labels = trim_padding(input_ids, attention_mask, labels, pad,
+                                                             trim_multiple(self.device))
+        args = [batch["pixel_values"], input_ids, attention_mask,
+                batch.get("image_mask", torch.ones(b, dtype=torch.long)), labels]
         args = [a.to(self.device) for a in args]
         labels = args[-1]
-        pad = self.cfg.text.pad_token_id
-        n_tokens = ((labels != pad) & (labels != -100)).sum().reshape(1).to(torch.float64)
+        n_tokens = real_targets(labels, pad).sum().reshape(1).to(torch.float64)
         if g.dp > 1:
             dist.all_reduce(n_tokens, group=g.dp_group)
         n_global = int(n_tokens.item())
@@ -312,6 +319,35 @@ class Engine:
         return merge_shards(received) if g.rank == 0 else None
 
 
+def trim_multiple(device: torch.device) -> int:
+    """Length granularity of `trim_padding` on a device: 8 on GPUs (tensor-core-friendly GEMM shapes, few
+    distinct shapes for cuBLAS's heuristics), 1 on CPU (the kernels take any shape at no extra cost)."""
+    return 8 if device.type == "cuda" else 1
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int,
+                 multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns that are padding in every row: prompt columns whose attention_mask is 0
+    everywhere, target columns whose labels are pad / -100 everywhere.
+
+    The data pipeline pads every prompt and target to the config's maximum lengths (static shapes for
+    Ray Data's batches); a batch's longest prompt or target is usually far shorter (on the generated
+    mixture 30 of 48 prompt and 18 of 24 target columns). Attention gives masked keys zero weight and the
+    decoder is causal, so cutting those columns changes no real position's output and no loss term, while
+    the encoder, the decoder and their attention run over fewer positions. Lengths are rounded up to a
+    multiple of `multiple` (capped at the padded length; see `trim_multiple`) and at least 1 is kept.
+    """
+    def keep(real_cols: torch.Tensor) -> int:
+        idx = real_cols.nonzero()
+        last = int(idx[-1]) + 1 if idx.numel() else 1
+        n = real_cols.shape[0]
+        return min(n, -(-last // multiple) * multiple)
+
+    s = keep(attention_mask.ne(0).any(0))
+    t = keep(real_targets(labels, pad_id).any(0))
+    return input_ids[:, :s], attention_mask[:, :s], labels[:, :t]
+
+
 @functools.lru_cache(maxsize=64)
 def _layout_cached(cfg_json: str, pp: int, tp: int, pp_rank: int, tp_rank: int) -> dict[str, ShardSpec]:
     return build_stage_model(PaLIConfig.from_dict(json.loads(cfg_json)), pp, tp, pp_rank, tp_rank)[1]
@@ -375,13 +411,18 @@ def materialise_shards(cfg: PaLIConfig, specs: Mapping[str, ShardSpec], full_sta
 def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Tensor] | None = None,
                  seed: int = 0, dp_mode: str = "ddp", schedule: str = "1f1b", num_microbatches: int = 1,
                  device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                 activation_checkpointing: bool = False, compile: bool = False) -> Engine:
+                 activation_checkpointing: bool = False, compile: bool = False, trim_padding: bool = True
+                 ) -> Engine:
     """This rank's Engine: meta build -> TP plan -> stage cut -> materialise this shard -> DP wrapper.
 
     full_state: `PaLI.state_dict()`-named full tensors to slice from (a checkpoint, an import), a dict or
     any lazy mapping with `keys()` and `__getitem__` (e.g. `LazyShardedState`); None means the
     deterministic init of `create_model(cfg, seed=seed)`. Either way only one full tensor exists at a time.
     compile: run the stage through `torch.compile` (inductor); see `compile_stage`.
+    trim_padding: without pipeline parallelism and without compile, cut each batch's all-padding tail
+    columns (`trim_padding`) and run the output head at real targets only (`FullStage`). Pipeline stages
+    exchange statically shaped activations and a compiled stage is traced for fixed shapes, so those keep
+    the padded shapes (and full logits).
     """
     if dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"dp_mode={dp_mode!r}; expected 'ddp' or 'fsdp'")
@@ -397,13 +438,15 @@ def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Ten
         model.vision_tower.requires_grad_(False)
     if activation_checkpointing:
         _checkpoint_blocks(model)
-    module = stage_module(model, grid.pp, grid.pp_rank, autocast_dtype or next(model.parameters()).dtype)
+    dynamic = trim_padding and grid.pp == 1 and not compile  # shapes may change from batch to batch
+    module = stage_module(model, grid.pp, grid.pp_rank, autocast_dtype or next(model.parameters()).dtype,
+                          packed_head=dynamic)
     if compile:
         compile_stage(module, per_block=dp_mode == "fsdp" and grid.dp > 1)
     if grid.dp > 1:
         module = _wrap_dp(module, grid, dp_mode, device)
     return Engine(cfg, grid, model, specs, module, dp_mode, schedule, num_microbatches, device, autocast_dtype,
-                  compiled=compile)
+                  compiled=compile, trim=dynamic)
 
 
 def compile_stage(module: nn.Module, per_block: bool = False) -> None:

@@ -99,18 +99,32 @@ def _logits(model: PaLI, h: torch.Tensor) -> torch.Tensor:
     return model.text.logits(h)
 
 
-class FullStage(nn.Module):
-    """The whole model as one stage: (pixels, prompt, mask, image_mask, labels) -> logits."""
+def real_targets(labels: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """bool[B, T]: the target positions the loss counts (labels neither pad nor -100)."""
+    return (labels != pad_id) & (labels != -100)
 
-    def __init__(self, model: PaLI):
+
+class FullStage(nn.Module):
+    """The whole model as one stage: (pixels, prompt, mask, image_mask, labels) -> logits.
+
+    packed_head (the default): the output head runs only at real target positions and the logits come
+    out packed, float[N, V/tp] for the N real targets in row-major order (`TokenLoss` takes both forms).
+    Padded target positions then cost neither the [D, V] head GEMMs (forward and backward) nor the
+    log-softmax over the vocabulary. The packed shape depends on the data, so a compiled stage
+    (`compile_stage`, static shapes) keeps the full float[B, T, V/tp] logits.
+    """
+
+    def __init__(self, model: PaLI, packed_head: bool = True):
         super().__init__()
         self.model = model
+        self.packed_head = packed_head
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Logits float[B, T, V/tp] for teacher-forced targets."""
+        """Logits float[N, V/tp] (packed head) or float[B, T, V/tp] for teacher-forced targets."""
         dec_in = self.model.text.shift_right(labels)  # (B, T)
-        return self.model.teacher_forced(pixel_values, input_ids, attention_mask, image_mask, dec_in)[0]
+        keep = real_targets(labels, self.model.cfg.text.pad_token_id) if self.packed_head else None
+        return self.model.teacher_forced(pixel_values, input_ids, attention_mask, image_mask, dec_in, keep)[0]
 
 
 class EncoderStage(nn.Module):
@@ -145,10 +159,12 @@ class DecoderStage(nn.Module):
         return _logits(self.model, h).to(self.act_dtype)
 
 
-def stage_module(model: PaLI, pp: int, pp_rank: int, act_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The nn.Module that runs this rank's stage."""
+def stage_module(model: PaLI, pp: int, pp_rank: int, act_dtype: torch.dtype = torch.float32,
+                 packed_head: bool = True) -> nn.Module:
+    """The nn.Module that runs this rank's stage (packed_head: see `FullStage`; pipeline stages exchange
+    static shapes and always return full logits)."""
     if pp == 1:
-        return FullStage(model)
+        return FullStage(model, packed_head)
     if pp > 2:
         cls = deep.DeepEncoderStage if pp_rank < first_decoder_stage(pp) else deep.DeepDecoderStage
         return cls(model, pp, pp_rank, act_dtype)
@@ -194,16 +210,23 @@ class TokenLoss:
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """logits float[B, T, V/tp], labels int[B, T] (pad / -100 ignored) -> scalar loss."""
-        mask = (labels != self.pad_id) & (labels != -100)  # (B, T)
-        target = labels.masked_fill(~mask, 0)
+        """logits float[B, T, V/tp] or packed float[N, V/tp] (one row per real target, row-major, as
+        `FullStage` returns them), labels int[B, T] (pad / -100 ignored) -> scalar loss."""
+        mask = real_targets(labels, self.pad_id)  # (B, T)
+        packed = logits.dim() == 2
+        target = labels[mask] if packed else labels.masked_fill(~mask, 0)  # (N,) | (B, T)
+        if packed and logits.shape[0] != target.shape[0]:
+            raise ValueError(f"packed logits have {logits.shape[0]} rows for {target.shape[0]} real targets")
         if self.vocab_parallel:
             # fairscale subtracts the row max from its input in place; nothing else reads the logits after
-            ce = vocab_parallel_cross_entropy(logits.float(), target)  # (B, T)
+            ce = vocab_parallel_cross_entropy(logits.float(), target)  # same shape as target
         else:
-            ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.flatten(), reduction="none")
             ce = ce.view_as(target)
-        ce = ce.masked_fill(~mask, 0.0)
+        if packed:  # back to (B, T), zeros at padding, for the per-example sums
+            ce = torch.zeros(mask.shape, dtype=ce.dtype, device=ce.device).masked_scatter(mask, ce)
+        else:
+            ce = ce.masked_fill(~mask, 0.0)
         per_example = ce.sum(1)  # (B,)
         self.records.append((per_example.detach(), mask.sum(1)))
         return per_example.sum() / self.denominator

@@ -27,7 +27,9 @@ linear keeps its own bf16 cast (c_attn = 3 for q, k, v; c_ff = 2 for wi_0, wi_1;
 are cast once per decoder block for k and for v). Per stack: the relative-position bucket indices
 (int64, S*S and T*T), the final norm, the encoder states read by the decoder, the token ids, and the
 loss's fp32 (log-)softmax over the vocabulary shard, 4*T*V/tp. A frozen vision tower keeps nothing but
-the projector's input, P*e*D_vit.
+the projector's input, P*e*D_vit. T counts every target position as real: the worst case, which a batch
+reaches when every target fills the padded length (at pp = 1 the trainer runs the output head at real
+targets only and cuts all-padding tail columns, so a ragged batch keeps less).
 
 With activation checkpointing a block keeps only its inputs (block input, plus the stack's shared
 position bias and the encoder states, counted once); one block's full activations are recomputed in

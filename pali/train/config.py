@@ -82,6 +82,9 @@ class TrainConfig:
     """Recompute each block's activations in the backward pass."""
     compile: bool = False
     """Run each worker's stage through torch.compile (inductor): faster steps after a one-off compile."""
+    trim_padding: bool = True
+    """Cut each batch's all-padding tail columns and run the output head at real targets only (pp = 1,
+    not compiled; `pali.parallel.engine.trim_padding`)."""
     checkpoint_every: int = 100
     """Write a sharded checkpoint (and report to Ray) every this many steps."""
     log_every: int = 10

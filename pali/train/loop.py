@@ -144,7 +144,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(mcfg, grid, full_state, seed=cfg.seed, dp_mode=cfg.dp_mode, schedule=cfg.pp_schedule,
                           num_microbatches=n_micro, device=device,
                           autocast_dtype=torch.bfloat16 if cfg.use_gpu else None,
-                          activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+                          activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                          trim_padding=cfg.trim_padding)
     named = list(engine.named_parameters())
     opt = build_optimizer(named, cfg)
     sched = build_scheduler(opt, cfg)

@@ -123,3 +123,73 @@ def test_compiled_engine_matches_eager_without_recompiling(world1, tiny_config):
     with pytest.raises(ValueError, match="labels must lie in"):
         engines[1].train_step(bad)
     grid.destroy()
+
+
+def _pad_columns(batch: dict[str, torch.Tensor], prompt: int, target: int) -> dict[str, torch.Tensor]:
+    """The batch with `prompt` / `target` more all-padding columns, as the data pipeline's fixed lengths add."""
+    def pad(t: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.cat([t, torch.zeros(t.shape[0], n, dtype=t.dtype)], 1)
+    return {**batch, "input_ids": pad(batch["input_ids"], prompt),
+            "attention_mask": pad(batch["attention_mask"], prompt), "labels": pad(batch["labels"], target)}
+
+
+def test_trim_padding_cuts_only_all_padding_tail_columns():
+    from pali.parallel.engine import trim_multiple, trim_padding
+
+    assert (trim_multiple(torch.device("cpu")), trim_multiple(torch.device("cuda", 0))) == (1, 8)
+    ids = torch.tensor([[5, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 7, 8, 9, 0, 0, 0, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).long()  # row 1 is left-padded: its leading pad column stays
+    labels = torch.tensor([[4, 0, 0, 0, 0, 0, 0, 0, 0], [3, 3, -100, -100, 9, 0, 0, 0, 0]])
+    i, m, lab = trim_padding(ids, mask, labels, pad_id=0, multiple=2)
+    assert i.tolist() == ids[:, :4].tolist() and m.tolist() == mask[:, :4].tolist()
+    assert lab.tolist() == labels[:, :6].tolist()  # the real target at column 4 keeps -100 before it
+    i, m, lab = trim_padding(ids, mask, labels, pad_id=0, multiple=8)
+    assert (i.shape[1], lab.shape[1]) == (8, 8)
+    i, m, lab = trim_padding(ids, mask, labels, pad_id=0, multiple=64)  # never longer than the padded batch
+    assert (i.shape[1], lab.shape[1]) == (12, 9)
+    i, m, lab = trim_padding(ids * 0, mask * 0, labels * 0, pad_id=0, multiple=1)  # nothing real: keep one
+    assert (i.shape[1], m.shape[1], lab.shape[1]) == (1, 1, 1)
+
+
+def test_trimmed_batches_and_packed_head_match_the_padded_step(world1, tiny_config):
+    """The default engine (all-padding tail columns cut, output head at real targets only) gives the loss,
+    per-example sums and gradients of the engine that runs every padded position, and its stage really
+    sees the shorter batch and returns one logit row per real target, also for a micro-batch without any."""
+    grid = Grid.init()
+    trimmed = build_engine(tiny_config, grid, seed=0, num_microbatches=2)
+    padded = build_engine(tiny_config, grid, seed=0, num_microbatches=2, trim_padding=False)
+    assert trimmed.trim and not padded.trim
+    seen = []
+    trimmed.module.register_forward_hook(lambda mod, args, out: seen.append(
+        (args[1].shape[1], args[-1].shape[1], tuple(out.shape), int((args[-1] != 0).sum()))))
+    batch = _pad_columns(global_batch(tiny_config), prompt=13, target=12)  # lengths 20 and 18
+    no_targets = {**batch, "labels": batch["labels"].clone()}
+    no_targets["labels"][:2] = 0  # the first micro-batch has no real target at all
+    for b, lengths in ((batch, (7, 6)), (no_targets, (7, 5))):  # the longest prompt and target (CPU: exact)
+        seen.clear()
+        want, got = padded.train_step(b), trimmed.train_step(b)
+        assert got.loss == pytest.approx(want.loss, rel=1e-6) and got.num_tokens == want.num_tokens
+        torch.testing.assert_close(got.example_loss_sum, want.example_loss_sum, atol=1e-5, rtol=1e-6)
+        assert torch.equal(got.example_tokens, want.example_tokens)
+        ref = dict(padded.named_parameters())
+        for name, p in trimmed.named_parameters():
+            torch.testing.assert_close(p.grad, ref[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+        for prompt_len, target_len, out_shape, real in seen:
+            assert (prompt_len, target_len) == lengths
+            assert out_shape == (real, tiny_config.text.vocab_size)
+        trimmed.zero_grad()
+        padded.zero_grad()
+    assert seen[0][3] == 0
+    ev_t, ev_p = trimmed.eval_step(batch), padded.eval_step(batch)
+    assert ev_t.loss == pytest.approx(ev_p.loss, rel=1e-6)
+    grid.destroy()
+
+
+def test_token_loss_refuses_packed_logits_of_the_wrong_length():
+    from pali.parallel.stages import TokenLoss
+
+    labels = torch.tensor([[5, 6, 0], [7, 0, 0]])
+    loss = TokenLoss(pad_id=0, vocab_parallel=False)
+    assert loss(torch.zeros(3, 10), labels).item() == pytest.approx(3 * torch.log(torch.tensor(10.0)).item())
+    with pytest.raises(ValueError, match="packed logits have 4 rows for 3 real targets"):
+        loss(torch.zeros(4, 10), labels)
