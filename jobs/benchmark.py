@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=("tiny",), metavar="PRESETS",
                    help="train suite: presets also timed with both sides under torch.compile, or 'none' "
                         "(default tiny; a cold compile per side costs 1-3.5 min)")
+    p.add_argument("--pipeline-batch", type=int, default=32, metavar="N",
+                   help="train suite: also time N examples as the data pipeline pads them (the trainer's "
+                        "padding cut vs --no-trim-padding vs HF padded to the longest); 0 = skip (default 32)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads for both sides of every comparison (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="batch of the train / decode / parallel suites")
@@ -72,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("repeats", "threads", "batch_size", "max_new_tokens", "serve_repeats", "data_examples"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(a, name)}; expected a positive integer")
+    if a.pipeline_batch < 0:
+        p.error(f"--pipeline-batch={a.pipeline_batch}; expected 0 (skip) or a positive integer")
     if a.min_time < 0:
         p.error(f"--min-time={a.min_time}; expected >= 0 seconds")
     if a.serve_duration <= 0:
@@ -120,7 +125,8 @@ def _run_suite(suite: str, a: argparse.Namespace, suites: dict) -> None:
 
         suites["train"] = run_train(TrainBenchConfig(presets=a.preset, batch_size=a.batch_size,
                                                      repeats=a.repeats, min_time_s=a.min_time,
-                                                     compile_presets=a.compile))
+                                                     compile_presets=a.compile,
+                                                     pipeline_batch_size=a.pipeline_batch))
     elif suite == "decode":
         from pali.bench.decode import DecodeBenchConfig, run_decode
 

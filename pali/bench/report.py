@@ -127,6 +127,25 @@ def to_markdown(result: dict) -> str:
                              f"{c['compile_s_ours']:.0f} / {c['compile_s_hf']:.0f} | {c['speedup_vs_hf_eager']:.2f}x | "
                              f"{c['speedup_vs_hf_compiled']:.2f}x | {c['speedup_over_own_eager']:.2f}x |")
             lines.append("")
+        pipe = [r for r in suites["train"] if r.get("pipeline")]
+        if pipe:
+            lines += ["On batches as the data pipeline delivers them (generated mixture, image-text examples, "
+                      "padded to the preset's fixed lengths): PaLI as the trainer runs it (all-padding tail "
+                      "columns cut, output head at real targets), the same with `--no-trim-padding`, and the HF "
+                      "twin on the batch padded to its longest prompt and target (`DataCollatorForSeq2Seq`'s "
+                      "default). Same examples, same weights, equal losses.", "",
+                      "| preset | batch | padded prompt / target | longest | real prompt / target tokens | "
+                      "PaLI ex/s | PaLI --no-trim-padding ex/s | HF (padded to longest) ex/s | vs HF | "
+                      "vs --no-trim-padding |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in pipe:
+                p = r["pipeline"]
+                e = p["examples_per_s"]
+                lines.append(f"| {r['preset']} | {p['batch_size']} | {p['padded_lengths'][0]} / "
+                             f"{p['padded_lengths'][1]} | {p['longest'][0]} / {p['longest'][1]} | "
+                             f"{p['real_prompt_tokens']} / {p['real_target_tokens']} | {e['ours']:.1f} | "
+                             f"{e['ours_padded']:.1f} | {e['hf']:.1f} | {p['speedup_vs_hf']:.2f}x | "
+                             f"{p['trim_gain']:.2f}x |")
+            lines.append("")
         lines += _profile_table(suites["train"], "a step", "step", optimizer=True)
     if "decode" in suites:
         lines += ["## Decoding, KV cache vs HF `generate` (same weights, identical tokens checked)", "",

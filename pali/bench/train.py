@@ -50,6 +50,8 @@ class TrainBenchConfig:
     """Profile one extra step per side: share of CPU time in GEMMs and the optimizer, operator calls."""
     compile_presets: tuple[str, ...] = ("tiny",)
     """Presets also timed with both sides under torch.compile (a cold compile per side: 1-3.5 min each)."""
+    pipeline_batch_size: int = 32
+    """Examples of the data-pipeline batch comparison (`pipeline_sides`); 0 = skip it."""
 
 
 def _step_fn(module, opt, batch, loss_fn=None):
@@ -65,18 +67,19 @@ def _adamw(module):
     return torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, fused=True)
 
 
-def trainer_loss(model, batch: dict, compiled: bool = False):
+def trainer_loss(model, batch: dict, compiled: bool = False, trim: bool = True):
     """A closure computing the batch's loss as a trainer worker does at pp = 1 (`Engine._step`).
 
     Eager: the batch's all-padding tail columns cut (`trim_padding`), `FullStage` with the output head at
-    real targets only, `TokenLoss`. With `compiled`: the stage through `compile_stage`, full logits, fixed
-    shapes. Returns (loss_fn, stage).
+    real targets only, `TokenLoss`. With `compiled`, or `trim=False` (`--no-trim-padding`): full logits at
+    the batch's fixed shapes (compiled: the stage through `compile_stage`). Returns (loss_fn, stage).
     """
     from pali.parallel.engine import compile_stage, trim_padding
     from pali.parallel.stages import FullStage, TokenLoss, real_targets
 
     pad = model.cfg.text.pad_token_id
-    stage = FullStage(model, packed_head=not compiled)
+    trim = trim and not compiled
+    stage = FullStage(model, packed_head=trim)
     if compiled:
         compile_stage(stage)
     token_loss = TokenLoss(pad, vocab_parallel=False)
@@ -84,7 +87,7 @@ def trainer_loss(model, batch: dict, compiled: bool = False):
 
     def loss() -> torch.Tensor:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        if not compiled:
+        if trim:
             ids, mask, labels = trim_padding(ids, mask, labels, pad)
         token_loss.denominator = max(int(real_targets(labels, pad).sum()), 1)
         token_loss.records.clear()
@@ -113,6 +116,68 @@ def _compiled_sides(preset: str, batch: dict, want: dict[str, float], tol: float
     fns = {"ours_compiled": _step_fn(stage, _adamw(model), batch, ours_loss),
            "hf_compiled": _step_fn(compiled_ref, _adamw(ref), batch)}
     return fns, compile_s, losses
+
+
+def pipeline_batch(model_cfg, batch_size: int) -> dict[str, torch.Tensor]:
+    """`batch_size` image-text examples exactly as the training data pipeline delivers them: generated
+    shards through `process_shard` (task mixture, prompts, tokenizer trained on the shards), padded to
+    the preset's fixed `max_text_len` / `max_target_len`."""
+    import tempfile
+
+    import numpy as np
+
+    from pali.data.pipeline import DataConfig, process_shard, train_tokenizer_from_shards
+    from pali.data.synthetic import write_synthetic_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_synthetic_shards(tmp, 4 * batch_size, image_size=model_cfg.vision.image_size,
+                                        examples_per_shard=4 * batch_size)
+        tok = train_tokenizer_from_shards(shards, model_cfg.text.vocab_size)
+        out = process_shard(DataConfig.for_model(model_cfg), tok, shards[0])
+    rows = np.flatnonzero(out["image_mask"] == 1)[:batch_size]  # the HF twin has no text-only mode
+    if len(rows) < batch_size:
+        raise RuntimeError(f"only {len(rows)} image-text examples generated; wanted {batch_size}")
+    return {k: torch.from_numpy(np.ascontiguousarray(out[k][rows]))
+            for k in ("pixel_values", "input_ids", "attention_mask", "labels")}
+
+
+def pipeline_sides(preset: str, batch_size: int, repeats: int, min_time_s: float, tol: float) -> dict:
+    """The trainer's step on a data-pipeline batch against HF on the same examples padded to the longest.
+
+    Three sides, alternating: PaLI as the trainer runs it (the batch as the pipeline pads it, tail padding
+    cut, output head at real targets), PaLI with `--no-trim-padding` (every padded position), and the HF
+    twin on the batch padded to its longest prompt and target (`DataCollatorForSeq2Seq`'s default, what
+    an HF Trainer user runs). All three losses must agree.
+    """
+    from pali.parallel.engine import trim_padding
+
+    model = pali.create_model(preset, seed=0).train()
+    padded_model = pali.create_model(preset, seed=0).train()
+    ref = hf_reference(model).train()
+    batch = pipeline_batch(model.cfg, batch_size)
+    pad = model.cfg.text.pad_token_id
+    ids, mask, labels = trim_padding(batch["input_ids"], batch["attention_mask"], batch["labels"], pad)
+    longest = {**batch, "input_ids": ids, "attention_mask": mask, "labels": labels}
+    ours_fn = trainer_loss(model, batch)[0]
+    padded_fn = trainer_loss(padded_model, batch, trim=False)[0]
+    losses = {"ours": float(ours_fn().detach()), "ours_padded": float(padded_fn().detach()),
+              "hf": float(ref(**longest).loss.detach())}
+    for k, v in losses.items():
+        if abs(v - losses["hf"]) > tol * max(abs(losses["hf"]), 1e-12):
+            raise AssertionError(f"{preset} pipeline batch: {k} loss {v:.6f} != HF {losses['hf']:.6f}")
+    for m in (model, padded_model, ref):
+        m.zero_grad(set_to_none=True)
+    fns = {"ours": _step_fn(model, _adamw(model), batch, ours_fn),
+           "ours_padded": _step_fn(padded_model, _adamw(padded_model), batch, padded_fn),
+           "hf": _step_fn(ref, _adamw(ref), longest)}
+    times = time_side_by_side(fns, repeats, warmup=1, min_time_s=min_time_s)
+    t = {k: median(v) for k, v in times.items()}
+    return {"batch_size": batch_size, "padded_lengths": [batch["input_ids"].shape[1], batch["labels"].shape[1]],
+            "longest": [ids.shape[1], labels.shape[1]],
+            "real_prompt_tokens": int(mask.sum()), "real_target_tokens": int((labels > 0).sum()),
+            "losses": losses, "step_s": t, "examples_per_s": {k: batch_size / v for k, v in t.items()},
+            "speedup_vs_hf": t["hf"] / t["ours"], "trim_gain": t["ours_padded"] / t["ours"],
+            "times": times}
 
 
 def run_train(cfg: TrainBenchConfig) -> list[dict]:
@@ -169,5 +234,7 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
                 "speedup_vs_hf_eager": t_hf / t_oc, "speedup_vs_hf_compiled": t_hc / t_oc,
                 "speedup_over_own_eager": t_ours / t_oc,
                 "times_ours": times["ours_compiled"], "times_hf": times["hf_compiled"]}})
+        if cfg.pipeline_batch_size:
+            rows[-1]["pipeline"] = pipeline_sides(preset, cfg.pipeline_batch_size, cfg.repeats, cfg.min_time_s,
+                                                  cfg.loss_tol)
     return rows
-

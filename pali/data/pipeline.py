@@ -367,6 +367,18 @@ def build_eval_dataset(cfg: DataConfig, tokenizer: Tokenizer, tasks: Sequence[st
     return _build(cfg, tokenizer, shards, stats, tasks)
 
 
+def process_shard(cfg: DataConfig, tokenizer: Tokenizer, path: str) -> dict[str, np.ndarray]:
+    """One shard through the training pipeline's read and process steps in this process (no Ray): the
+    examples exactly as `build_dataset` delivers them (padded to the config's fixed lengths), for
+    inspection and benchmarks."""
+    cfg.validate()
+    table = _read_op(check_langs(cfg.langs), None)({"path": np.array([path], dtype=object),
+                                                    "shard_index": np.array([0], dtype=np.int64)})
+    rows = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
+    rows["shard_index"] = rows["shard_index"].astype(np.int64)
+    return _process_op(cfg, tokenizer, None, None)(rows)
+
+
 # --- consumers ---------------------------------------------------------------------------------------
 
 def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:

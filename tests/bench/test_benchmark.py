@@ -18,7 +18,8 @@ from pali.bench.report import check_targets, to_markdown
 def test_smallest_configuration_end_to_end(tmp_path):
     """train + decode on the tiny preset, 1 repeat: equal losses, identical tokens, a complete report."""
     assert main(["--suite", "train,decode", "--preset", "tiny", "--repeats", "1", "--min-time", "0",
-                 "--compile", "none", "--batch-size", "4", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
+                 "--compile", "none", "--batch-size", "4", "--max-new-tokens", "8", "--pipeline-batch", "8",
+                 "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     env = res["environment"]
     for key in ("cpu", "cores", "torch", "ray", "transformers", "commit", "date"):
@@ -28,6 +29,10 @@ def test_smallest_configuration_end_to_end(tmp_path):
     assert train["examples_per_s_ours"] > 0 and train["examples_per_s_hf"] > 0
     assert train["speedup"] == pytest.approx(train["step_s_hf"] / train["step_s_ours"])
     assert 0 < train["mfu_as_trainer_reports"] < 1
+    pipe = train["pipeline"]  # pipeline-padded batch: losses checked equal, the padding really cut
+    assert pipe["batch_size"] == 8 and pipe["padded_lengths"] == [48, 24]
+    assert pipe["longest"][0] < 48 and pipe["longest"][1] < 24 and pipe["trim_gain"] > 0
+    assert pipe["losses"]["ours"] == pytest.approx(pipe["losses"]["hf"], rel=1e-4)
     modes = {r["mode"]: r for r in res["suites"]["decode"]}
     assert set(modes) == {"greedy", "beam 4"} and all(r["tokens_identical"] for r in modes.values())
     assert modes["greedy"]["new_tokens"] > 0
@@ -37,6 +42,7 @@ def test_smallest_configuration_end_to_end(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert env["commit"] in md and "| tiny | greedy |" in md and "## Targets" in md
     assert "ceiling with the same GEMMs" in md and "Where a greedy call's CPU time goes" in md
+    assert "| tiny | 8 | 48 / 24 |" in md and "PaLI --no-trim-padding ex/s" in md
 
 
 def test_speedup_ceiling_bounds_what_the_same_matmuls_allow():
@@ -126,6 +132,9 @@ def test_bad_options_name_the_value(capsys):
     assert "huge" in capsys.readouterr().err
     assert parse_args(["--out", "x"]).compile == ("tiny",)
     assert parse_args(["--compile", "none", "--out", "x"]).compile == ()
+    assert parse_args(["--out", "x"]).pipeline_batch == 32
+    with pytest.raises(SystemExit):
+        parse_args(["--pipeline-batch", "-1", "--out", "x"])
 
 
 def test_side_by_side_timing_and_helpers():
