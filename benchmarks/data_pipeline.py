@@ -59,11 +59,13 @@ def measure_pipeline(cfg: DataConfig, tok, shards: list[str]) -> dict[str, float
 
 
 def measure_training(cfg: DataConfig, tok, shards: list[str], steps: int) -> float | None:
-    """Examples/s of a tiny-preset forward+backward+AdamW step on one process (None if no model yet)."""
+    """Examples/s of a tiny-preset forward+backward+AdamW step on one process, run as a trainer worker runs
+    it (all-padding tail columns cut, output head at real targets; None if no model yet)."""
     try:
         import torch
 
         import pali
+        from pali.bench.train import trainer_step_loss
 
         model = pali.create_model("tiny")
     except Exception as e:  # the model package may not exist yet in a partial checkout
@@ -72,12 +74,11 @@ def measure_training(cfg: DataConfig, tok, shards: list[str], steps: int) -> flo
     ds = build_dataset(cfg, tok, shards=shards)
     batch = next(iter_batches(ds, cfg.batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    keys = ("pixel_values", "input_ids", "attention_mask", "labels")
+    loss_fn = trainer_step_loss(model)[0]
     times = []
     for _ in range(steps + 2):
         t = time.perf_counter()
-        out = model(**{k: batch[k] for k in keys})
-        out.loss.backward()
+        loss_fn(batch).backward()
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t)

@@ -40,11 +40,12 @@ class DataBenchConfig:
 
 def _fed_training(model, opt, cfg, tok, shards, batch_size: int, steps: int) -> dict[str, float]:
     """Train `steps` steps on batches pulled from a fresh pipeline; seconds waiting vs computing."""
+    from pali.bench.train import trainer_step_loss
     from pali.data.pipeline import build_dataset, iter_batches
 
+    loss_fn = trainer_step_loss(model)[0]  # the trainer's step: padding cut, output head at real targets
     ds = build_dataset(cfg, tok, shards=shards)
     it = iter(iter_batches(ds, batch_size))
-    keys = ("pixel_values", "input_ids", "attention_mask", "labels", "image_mask")
     wait = compute = 0.0
     n = 0
     t = time.perf_counter()
@@ -57,7 +58,7 @@ def _fed_training(model, opt, cfg, tok, shards, batch_size: int, steps: int) -> 
         except StopIteration:
             break
         t1 = time.perf_counter()
-        model(**{k: batch[k] for k in keys}).loss.backward()
+        loss_fn(batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         wait += t1 - t0

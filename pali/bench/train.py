@@ -15,6 +15,7 @@ the eager ones first.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -67,8 +68,8 @@ def _adamw(module):
     return torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, fused=True)
 
 
-def trainer_loss(model, batch: dict, compiled: bool = False, trim: bool = True):
-    """A closure computing the batch's loss as a trainer worker does at pp = 1 (`Engine._step`).
+def trainer_step_loss(model, compiled: bool = False, trim: bool = True):
+    """A function batch -> loss computing it as a trainer worker does at pp = 1 (`Engine._step`).
 
     Eager: the batch's all-padding tail columns cut (`trim_padding`), `FullStage` with the output head at
     real targets only, `TokenLoss`. With `compiled`, or `trim=False` (`--no-trim-padding`): full logits at
@@ -83,16 +84,24 @@ def trainer_loss(model, batch: dict, compiled: bool = False, trim: bool = True):
     if compiled:
         compile_stage(stage)
     token_loss = TokenLoss(pad, vocab_parallel=False)
-    image_mask = torch.ones(batch["input_ids"].shape[0], dtype=torch.long)
 
-    def loss() -> torch.Tensor:
+    def loss(batch: dict) -> torch.Tensor:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        image_mask = batch.get("image_mask")
+        if image_mask is None:
+            image_mask = torch.ones(ids.shape[0], dtype=torch.long)
         if trim:
             ids, mask, labels = trim_padding(ids, mask, labels, pad)
         token_loss.denominator = max(int(real_targets(labels, pad).sum()), 1)
         token_loss.records.clear()
         return token_loss(stage(batch["pixel_values"], ids, mask, image_mask, labels), labels)
     return loss, stage
+
+
+def trainer_loss(model, batch: dict, compiled: bool = False, trim: bool = True):
+    """`trainer_step_loss` bound to one batch: (() -> loss, stage)."""
+    fn, stage = trainer_step_loss(model, compiled, trim)
+    return functools.partial(fn, batch), stage
 
 
 def _compiled_sides(preset: str, batch: dict, want: dict[str, float], tol: float) -> tuple[dict, dict, dict]:

@@ -75,8 +75,10 @@ class Predictor:
     def _generate(self, batch: dict[str, np.ndarray]) -> list[str]:
         import torch
 
+        from pali.models.t5 import real_length
+
         mask = torch.from_numpy(np.ascontiguousarray(batch["attention_mask"]))  # (B, S)
-        width = max(1, int(mask.sum(1).max()))  # drop the all-padding tail columns
+        width = real_length(mask.ne(0))  # drop the all-padding tail columns before they travel
         input_ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"]))[:, :width]
         pixel_values = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"]))  # (B, 3, H, W)
         out = self.model.generate(pixel_values=pixel_values.to(self.device, self.dtype),

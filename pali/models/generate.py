@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pali.models.t5 import padding_bias
+from pali.models.t5 import padding_bias, real_length
 
 NEG = -1.0e9
 
@@ -101,6 +101,11 @@ def generate(model, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
     pixel_values: float[B, 3, H, W] or None (text only); input_ids / attention_mask: int[B, S].
     """
     _check_args(max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, do_sample)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == input_ids.shape:
+        # Prompts padded to a fixed length (the data pipeline's batches): the all-padding tail columns would
+        # only add masked keys to the encoder and to every decoding step's cross-attention.
+        s = real_length(attention_mask.ne(0))
+        input_ids, attention_mask = input_ids[:, :s], attention_mask[:, :s]
     was_training = model.training
     model.eval()
     try:

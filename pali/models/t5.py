@@ -267,6 +267,14 @@ class Decoder(nn.Module):
         return self.dropout(self.final_norm(x))
 
 
+def real_length(real: torch.Tensor, multiple: int = 1) -> int:
+    """Length left after cutting the tail columns of bool[B, L] that are False in every row: up to the last
+    column holding a real entry, rounded up to `multiple`, at most L and at least 1."""
+    idx = real.any(0).nonzero()
+    last = int(idx[-1]) + 1 if idx.numel() else 1
+    return min(real.shape[1], -(-last // multiple) * multiple)
+
+
 def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "token ids") -> None:
     """Raise a ValueError naming the vocabulary size when any id lies outside [0, vocab_size)."""
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):

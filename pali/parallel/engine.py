@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pali.checkpoint import init_tensor
 from pali.config import PaLIConfig
-from pali.models.t5 import check_labels, check_token_ids
+from pali.models.t5 import check_labels, check_token_ids, real_length
 from pali.parallel.grid import Grid
 from pali.parallel.plan import ShardSpec, merge_shards, slice_for
 from pali.parallel.stages import (
@@ -337,14 +337,8 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: 
     the encoder, the decoder and their attention run over fewer positions. Lengths are rounded up to a
     multiple of `multiple` (capped at the padded length; see `trim_multiple`) and at least 1 is kept.
     """
-    def keep(real_cols: torch.Tensor) -> int:
-        idx = real_cols.nonzero()
-        last = int(idx[-1]) + 1 if idx.numel() else 1
-        n = real_cols.shape[0]
-        return min(n, -(-last // multiple) * multiple)
-
-    s = keep(attention_mask.ne(0).any(0))
-    t = keep(real_targets(labels, pad_id).any(0))
+    s = real_length(attention_mask.ne(0), multiple)
+    t = real_length(real_targets(labels, pad_id), multiple)
     return input_ids[:, :s], attention_mask[:, :s], labels[:, :t]
 
 

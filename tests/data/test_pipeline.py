@@ -17,6 +17,7 @@ from pali.data.pipeline import (
     collate,
     iter_batches,
     list_shards,
+    process_shard,
     split_for_ranks,
 )
 from pali.data.schema import read_shard, write_shard
@@ -131,3 +132,19 @@ def test_config_validation(data_tokenizer):
     with pytest.raises(ValueError, match="no shard paths"):
         build_dataset(DataConfig(), data_tokenizer)
     assert np.isclose(sum(DataConfig().task_weights.values()), 1.0)
+
+
+def test_process_shard_gives_the_pipeline_rows_without_ray(ray_cluster, synthetic_dir, data_tokenizer):
+    """`process_shard` (one process, no Ray) yields exactly the examples `build_dataset` delivers."""
+    cfg = DataConfig(image_size=32, max_text_len=40, max_target_len=20, batch_size=4)
+    shard = list_shards(str(synthetic_dir))[0]
+    local = process_shard(cfg, data_tokenizer, shard)
+    rows = build_dataset(cfg, data_tokenizer, shards=[shard]).take_all()
+    assert len(local["id"]) == len(rows) == 20
+    by_id = {r["id"]: r for r in rows}
+    for i, ex_id in enumerate(local["id"]):
+        r = by_id[ex_id]
+        for col in ("input_ids", "attention_mask", "labels", "image_mask", "pixel_values"):
+            assert np.array_equal(local[col][i], r[col]), (ex_id, col)
+        assert local["task"][i] == r["task"]
+    assert local["input_ids"].shape == (20, 40) and local["labels"].shape == (20, 20)

@@ -145,3 +145,19 @@ def test_bad_generate_arguments(tiny_model, make_batch, kw, word):
     px, ids, mask = make_batch(tiny_model.cfg, b=1)
     with pytest.raises(ValueError, match=word):
         tiny_model.generate(px, ids, mask, **kw)
+
+
+def test_all_padding_prompt_columns_are_cut_before_encoding(eos_model, make_batch):
+    """Prompts padded to a fixed length (as the data pipeline delivers them) decode exactly like the same
+    prompts padded to their longest, and the encoder only sees the real columns."""
+    px, ids, mask = make_batch(eos_model.cfg, b=4)
+    want = eos_model.generate(px, ids, mask, max_new_tokens=8, num_beams=2)
+    seen = []
+    hook = eos_model.text.encoder.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    try:
+        padded = eos_model.generate(px, torch.cat([ids, torch.zeros_like(ids)], 1),
+                                    torch.cat([mask, torch.zeros_like(mask)], 1), max_new_tokens=8, num_beams=2)
+    finally:
+        hook.remove()
+    assert torch.equal(padded, want)
+    assert seen == [eos_model.cfg.vision.num_tokens + ids.shape[1]]
