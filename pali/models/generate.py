@@ -53,12 +53,23 @@ class DecodeState:
         return text.logits(h[:, -1]).float()
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (beam search): caches, cross K/V, encoder states and token history."""
+        """Take each row's decoding history from row `index[i]` (beam search moves beams within an example):
+        self-attention caches, or the token history of the uncached path."""
         if self.use_cache:
             for c in self.caches:
                 c["k"], c["v"] = c["k"].index_select(0, index), c["v"].index_select(0, index)
         elif self.tokens is not None:
             self.tokens = self.tokens.index_select(0, index)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Continue with rows `index` only (finished sequences leave the batch): their history as `reorder`,
+        plus the per-row encoder states, mask, cross-attention K/V and padding bias."""
+        self.reorder(index)
+        self.enc, self.enc_mask = self.enc.index_select(0, index), self.enc_mask.index_select(0, index)
+        if self.cross_kv is not None:
+            self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+        if self.cross_bias is not None:
+            self.cross_bias = self.cross_bias.index_select(0, index)
 
 
 def _check_args(max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, do_sample):
@@ -125,26 +136,34 @@ def generate(model, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
 
 def _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
                       use_cache, generator) -> torch.Tensor:
+    """Greedy or sampled decoding. A row that emits EOS leaves the batch (`DecodeState.keep_rows`): later
+    steps run only the unfinished rows, so a batch of short and long answers costs what its live rows
+    need (HF `generate` keeps computing finished rows and pads their output)."""
     cfg = model.cfg.text
-    b = enc.shape[0]
+    b, dev = enc.shape[0], enc.device
     state = DecodeState(model, enc, enc_mask, use_cache, max_len=max_new_tokens)
-    last = torch.full((b,), cfg.decoder_start_token_id, dtype=torch.long, device=enc.device)
-    done = torch.zeros(b, dtype=torch.bool, device=enc.device)
-    out = []
+    last = torch.full((b,), cfg.decoder_start_token_id, dtype=torch.long, device=dev)
+    rows = torch.arange(b, device=dev)  # output row of each live row
+    out = torch.full((b, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
+    steps = 0
     for t in range(max_new_tokens):
-        logits = state.step(last, t)  # (B, V)
+        logits = state.step(last, t)  # (live rows, V)
         if do_sample:
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             nxt = logits.argmax(-1)
-        nxt = nxt.masked_fill(done, cfg.pad_token_id)
-        out.append(nxt)
-        done |= nxt == cfg.eos_token_id
-        if bool(done.all()):
-            break
+        out[:, t].index_copy_(0, rows, nxt)
+        steps = t + 1
+        live = nxt != cfg.eos_token_id
+        if not bool(live.all()):
+            keep = live.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            state.keep_rows(keep)
+            rows, nxt = rows.index_select(0, keep), nxt.index_select(0, keep)
         last = nxt
-    return torch.stack(out, dim=1)
+    return out[:, :steps]
 
 
 def _beam_search(model, enc, enc_mask, max_new_tokens, k, length_penalty, use_cache) -> torch.Tensor:

@@ -161,3 +161,31 @@ def test_all_padding_prompt_columns_are_cut_before_encoding(eos_model, make_batc
         hook.remove()
     assert torch.equal(padded, want)
     assert seen == [eos_model.cfg.vision.num_tokens + ids.shape[1]]
+
+
+def test_finished_rows_leave_the_batch(eos_model, make_batch):
+    """Once a row emits EOS the decoder runs only the unfinished rows, and every row's tokens equal what
+    that example generates on its own (and its own teacher-forced argmax)."""
+    px, ids, mask = make_batch(eos_model.cfg, b=4)
+    rows_seen = []
+    hook = eos_model.text.decoder.register_forward_hook(lambda mod, args, out: rows_seen.append(out.shape[0]))
+    try:
+        out = eos_model.generate(px, ids, mask, max_new_tokens=10)
+    finally:
+        hook.remove()
+    eos = eos_model.cfg.text.eos_token_id
+    stops = [int((row == eos).nonzero()[0]) + 1 if (row == eos).any() else None for row in out]
+    assert any(s is not None for s in stops) and any(s is None for s in stops)
+    # live rows at step t = rows that had not emitted EOS before step t
+    assert rows_seen == [sum(1 for s in stops if s is None or s > t) for t in range(out.shape[1])]
+    for i in range(4):
+        alone = eos_model.generate(px[i:i + 1], ids[i:i + 1], mask[i:i + 1], max_new_tokens=10)
+        assert torch.equal(alone[0], out[i, :alone.shape[1]]) and not out[i, alone.shape[1]:].any()
+    start = torch.zeros_like(out[:, :1])
+    with torch.no_grad():
+        logits = eos_model(px, ids, mask, decoder_input_ids=torch.cat([start, out[:, :-1]], 1)).logits
+    real = torch.ones_like(out, dtype=torch.bool)
+    for i, s in enumerate(stops):
+        if s is not None:
+            real[i, s:] = False
+    assert torch.equal(logits.argmax(-1)[real], out[real])
