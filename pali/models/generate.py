@@ -167,6 +167,8 @@ def _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperatu
 
 
 def _beam_search(model, enc, enc_mask, max_new_tokens, k, length_penalty, use_cache) -> torch.Tensor:
+    """Beam search; an example whose best finished hypotheses can no longer change (HF's stopping
+    heuristic) leaves the batch with its k beams, so later steps run only the examples still searching."""
     cfg = model.cfg.text
     b, dev = enc.shape[0], enc.device
     max_len = max_new_tokens + 1  # the start token counts, as in HF's max_length
@@ -183,6 +185,8 @@ def _beam_search(model, enc, enc_mask, max_new_tokens, k, length_penalty, use_ca
     fin_lens = torch.zeros(b, k, dtype=torch.long, device=dev)
     fin_done = torch.zeros(b, k, dtype=torch.bool, device=dev)
     improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    examples = torch.arange(b, device=dev)  # output row of each example still searching
+    final_seqs, final_lens = fin_seqs[:, 0].clone(), fin_lens[:, 0].clone()  # (B, L), (B,)
     keep = 2 * k
     top_k_mask = torch.arange(keep, device=dev) < k
     cur = 1
@@ -222,6 +226,17 @@ def _beam_search(model, enc, enc_mask, max_new_tokens, k, length_penalty, use_ca
         improvable = improvable & (best_running > worst).any(-1, keepdim=True)
         if not bool(improvable.any()) or bool(hits.all()):
             break
-    out_len = int(fin_lens[:, 0].max())
-    out = fin_seqs[:, 0, 1:out_len + 1]
-    return out
+        alive = improvable.squeeze(1)
+        if not bool(alive.all()):  # finished examples leave the batch: their best hypothesis is final
+            gone, kept = (~alive).nonzero().squeeze(1), alive.nonzero().squeeze(1)
+            final_seqs.index_copy_(0, examples.index_select(0, gone), fin_seqs[gone, 0])
+            final_lens.index_copy_(0, examples.index_select(0, gone), fin_lens[gone, 0])
+            examples, b = examples.index_select(0, kept), kept.numel()
+            seqs, run_scores, fin_seqs, fin_scores, fin_lens, fin_done, improvable = (
+                t.index_select(0, kept) for t in (seqs, run_scores, fin_seqs, fin_scores, fin_lens, fin_done,
+                                                   improvable))
+            state.keep_rows((kept[:, None] * k + torch.arange(k, device=dev)).view(-1))
+    final_seqs.index_copy_(0, examples, fin_seqs[:, 0])
+    final_lens.index_copy_(0, examples, fin_lens[:, 0])
+    out_len = int(final_lens.max())
+    return final_seqs[:, 1:out_len + 1]

@@ -189,3 +189,22 @@ def test_finished_rows_leave_the_batch(eos_model, make_batch):
         if s is not None:
             real[i, s:] = False
     assert torch.equal(logits.argmax(-1)[real], out[real])
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.6])
+def test_beam_search_drops_examples_that_are_done(eos_model, make_batch, length_penalty):
+    """An example whose finished hypotheses can no longer change leaves the batch with its beams; every
+    example's result equals its beam search alone."""
+    px, ids, mask = make_batch(eos_model.cfg, b=4)
+    rows_seen = []
+    hook = eos_model.text.decoder.register_forward_hook(lambda mod, args, out: rows_seen.append(out.shape[0]))
+    try:
+        out = eos_model.generate(px, ids, mask, max_new_tokens=10, num_beams=3, length_penalty=length_penalty)
+    finally:
+        hook.remove()
+    assert rows_seen[0] == 12 and rows_seen[-1] < 12 and rows_seen == sorted(rows_seen, reverse=True)
+    assert all(n % 3 == 0 for n in rows_seen)  # whole examples (3 beams each) leave
+    for i in range(4):
+        alone = eos_model.generate(px[i:i + 1], ids[i:i + 1], mask[i:i + 1], max_new_tokens=10, num_beams=3,
+                                   length_penalty=length_penalty)
+        assert torch.equal(alone[0], out[i, :alone.shape[1]]) and not out[i, alone.shape[1]:].any()
