@@ -25,7 +25,7 @@ import pali
 from pali.bench.common import batch_tokens, median, synthetic_batch, time_side_by_side
 from pali.bench.hf_reference import hf_reference
 from pali.bench.profile import speedup_ceiling, step_breakdown
-from pali.models.pali import flops_per_example
+from pali.models.pali import flops_per_example, real_targets
 from pali.train.metrics import PEAK_FLOPS, peak_flops
 
 
@@ -76,7 +76,7 @@ def trainer_step_loss(model, compiled: bool = False, trim: bool = True):
     the batch's fixed shapes (compiled: the stage through `compile_stage`). Returns (loss_fn, stage).
     """
     from pali.parallel.engine import compile_stage, trim_padding
-    from pali.parallel.stages import FullStage, TokenLoss, real_targets
+    from pali.parallel.stages import FullStage, TokenLoss
 
     pad = model.cfg.text.pad_token_id
     trim = trim and not compiled
@@ -183,7 +183,7 @@ def pipeline_sides(preset: str, batch_size: int, repeats: int, min_time_s: float
     t = {k: median(v) for k, v in times.items()}
     return {"batch_size": batch_size, "padded_lengths": [batch["input_ids"].shape[1], batch["labels"].shape[1]],
             "longest": [ids.shape[1], labels.shape[1]],
-            "real_prompt_tokens": int(mask.sum()), "real_target_tokens": int((labels > 0).sum()),
+            "real_prompt_tokens": int(mask.sum()), "real_target_tokens": int(real_targets(labels, pad).sum()),
             "losses": losses, "step_s": t, "examples_per_s": {k: batch_size / v for k, v in t.items()},
             "speedup_vs_hf": t["hf"] / t["ours"], "trim_gain": t["ours_padded"] / t["ours"],
             "times": times}

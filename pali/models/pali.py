@@ -148,13 +148,18 @@ class PaLI(nn.Module):
         return self.flops_per_example(prompt_len, target_len) * examples_per_s / peak_flops
 
 
+def real_targets(labels: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """bool[B, T]: the target positions the loss counts (labels neither pad nor -100)."""
+    return (labels != pad_id) & (labels != -100)
+
+
 def target_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean token cross-entropy over real targets (labels not pad and not -100), and their count."""
-    labels = labels.masked_fill(labels == pad_id, -100)
-    n = (labels != -100).sum()
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                           reduction="sum") / n.clamp(min=1)
+    """Mean token cross-entropy over real targets (`real_targets`), and their count."""
+    real = real_targets(labels, pad_id)
+    n = real.sum()
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.masked_fill(~real, -100).flatten(),
+                           ignore_index=-100, reduction="sum") / n.clamp(min=1)
     return loss, n
 
 

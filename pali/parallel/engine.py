@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pali.checkpoint import init_tensor
 from pali.config import PaLIConfig
+from pali.models.pali import real_targets
 from pali.models.t5 import check_labels, check_token_ids, real_length
 from pali.parallel.grid import Grid
 from pali.parallel.plan import ShardSpec, merge_shards, slice_for
@@ -31,7 +32,6 @@ from pali.parallel.stages import (
     TokenLoss,
     build_stage_model,
     iter_blocks,
-    real_targets,
     stage_io_meta,
     stage_module,
 )

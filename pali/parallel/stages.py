@@ -19,7 +19,7 @@ from torch import nn
 
 from pali.checkpoint import create_model
 from pali.config import PaLIConfig
-from pali.models.pali import PaLI
+from pali.models.pali import PaLI, real_targets
 from pali.parallel import deep
 from pali.parallel.deep import first_decoder_stage
 from pali.parallel.plan import TP_PLAN, ShardSpec, apply_tp_plan, check_tp, shard_specs
@@ -97,11 +97,6 @@ def layout_specs(cfg: PaLIConfig, pp: int = 1, tp: int = 1, pp_rank: int = 0, tp
 def _logits(model: PaLI, h: torch.Tensor) -> torch.Tensor:
     """Decoder hidden float[B, T, D] -> logits float[B, T, V/tp] (vocab-parallel when the head is TP)."""
     return model.text.logits(h)
-
-
-def real_targets(labels: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """bool[B, T]: the target positions the loss counts (labels neither pad nor -100)."""
-    return (labels != pad_id) & (labels != -100)
 
 
 class FullStage(nn.Module):
