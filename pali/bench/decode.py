@@ -15,7 +15,7 @@ import torch
 import pali
 from pali.bench.common import median, synthetic_batch, time_side_by_side
 from pali.bench.hf_reference import hf_reference, strip_hf
-from pali.bench.profile import speedup_ceiling, step_breakdown
+from pali.bench.profile import kernel_floor, measured_ceiling, speedup_ceiling, step_breakdown
 
 
 @dataclass
@@ -37,7 +37,8 @@ class DecodeBenchConfig:
     min_time_s: float = 3.0
     """More rounds than `repeats` (up to 100) when `repeats` would time less than this (both sides)."""
     profile: bool = True
-    """Profile one extra greedy call per side: share of CPU time in GEMM kernels and the speed-up ceiling."""
+    """Profile one extra greedy call per side (share of CPU time in GEMM kernels) and measure each side's
+    kernel floor (`pali.bench.profile.kernel_floor`), which gives the speed-up ceiling."""
 
 
 def run_decode(cfg: DecodeBenchConfig) -> list[dict]:
@@ -61,11 +62,13 @@ def run_decode(cfg: DecodeBenchConfig) -> list[dict]:
                 times = time_side_by_side({"ours": partial(model.generate, **inputs, **kw),
                                            "hf": partial(ref.generate, **inputs, **kw, do_sample=False)},
                                           cfg.repeats, warmup=1, min_time_s=cfg.min_time_s)
-            prof = {}
+            prof, floor = {}, {}
             if cfg.profile and beams == 1:
                 with torch.no_grad():
                     prof = {"ours": step_breakdown(partial(model.generate, **inputs, **kw)),
                             "hf": step_breakdown(partial(ref.generate, **inputs, **kw, do_sample=False))}
+                    floor = {"ours": kernel_floor(partial(model.generate, **inputs, **kw), cfg.repeats),
+                             "hf": kernel_floor(partial(ref.generate, **inputs, **kw, do_sample=False), cfg.repeats)}
             new_tokens = int((ours != model.cfg.text.pad_token_id).sum())
             t_ours, t_hf = median(times["ours"]), median(times["hf"])
             rows.append({"preset": preset, "mode": "greedy" if beams == 1 else f"beam {beams}",
@@ -74,5 +77,7 @@ def run_decode(cfg: DecodeBenchConfig) -> list[dict]:
                          "call_s_ours": t_ours, "call_s_hf": t_hf,
                          "tokens_per_s_ours": new_tokens / t_ours, "tokens_per_s_hf": new_tokens / t_hf,
                          "speedup": t_hf / t_ours, "times_ours": times["ours"], "times_hf": times["hf"],
-                         "profile": prof, "ceiling": speedup_ceiling(prof["hf"]) if prof else None})
+                         "profile": prof, "kernel_floor": floor,
+                         "ceiling": measured_ceiling(t_hf, floor["hf"]) if floor else None,
+                         "ceiling_profiled": speedup_ceiling(prof["hf"]) if prof else None})
     return rows

@@ -24,7 +24,7 @@ import torch
 import pali
 from pali.bench.common import batch_tokens, median, synthetic_batch, time_side_by_side
 from pali.bench.hf_reference import hf_reference
-from pali.bench.profile import speedup_ceiling, step_breakdown
+from pali.bench.profile import kernel_floor, measured_ceiling, speedup_ceiling, step_breakdown
 from pali.models.pali import flops_per_example, real_targets
 from pali.train.metrics import PEAK_FLOPS, peak_flops
 
@@ -48,7 +48,8 @@ class TrainBenchConfig:
     loss_tol: float = 1e-4
     """Largest relative loss difference accepted before timing."""
     profile: bool = True
-    """Profile one extra step per side: share of CPU time in GEMMs and the optimizer, operator calls."""
+    """Profile one extra step per side (share of CPU time in GEMMs and the optimizer, operator calls) and
+    measure each side's kernel floor (`pali.bench.profile.kernel_floor`)."""
     compile_presets: tuple[str, ...] = ("tiny",)
     """Presets also timed with both sides under torch.compile (a cold compile per side: 1-3.5 min each)."""
     pipeline_batch_size: int = 32
@@ -215,6 +216,9 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
         times = time_side_by_side({**fns, **compiled}, cfg.repeats, warmup=1, min_time_s=cfg.min_time_s)
         prof = {n: step_breakdown(f) for n, f in (("ours", _step_fn(model, opts["ours"], batch, ours_fn)),
                                                   ("hf", _step_fn(ref, opts["hf"], batch)))} if cfg.profile else {}
+        floor = {n: kernel_floor(f, cfg.repeats) for n, f in (("ours", _step_fn(model, opts["ours"], batch, ours_fn)),
+                                                              ("hf", _step_fn(ref, opts["hf"], batch)))} \
+            if cfg.profile else {}
         visual, prompt, target = batch_tokens(model.cfg, batch)
         tokens = visual + prompt + target
         t_ours, t_hf = median(times["ours"]), median(times["hf"])
@@ -232,8 +236,10 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
                      # the same against the peak of the threads actually used (the trainer divides by all cores)
                      "mfu_of_used_threads": flops * eps / (PEAK_FLOPS["cpu_core"] * torch.get_num_threads()),
                      "hf_attn_implementation": ref.t5.config._attn_implementation,
-                     "times_ours": times["ours"], "times_hf": times["hf"], "profile": prof,
-                     "ceiling": speedup_ceiling(prof["hf"]) if prof else None})
+                     "times_ours": times["ours"], "times_hf": times["hf"], "profile": prof, "kernel_floor": floor,
+                     # measured: HF's step over its own kernels replayed alone; profiled: from profiler shares
+                     "ceiling": measured_ceiling(t_hf, floor["hf"]) if floor else None,
+                     "ceiling_profiled": speedup_ceiling(prof["hf"]) if prof else None})
         if compiled:
             t_oc, t_hc = median(times["ours_compiled"]), median(times["hf_compiled"])
             rows[-1].update({"compiled": {

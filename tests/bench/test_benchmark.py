@@ -11,7 +11,14 @@ import torch
 from jobs.benchmark import main, parse_args
 from pali.bench.common import synthetic_batch, time_side_by_side
 from pali.bench.hf_reference import strip_hf
-from pali.bench.profile import speedup_ceiling, step_breakdown
+from pali.bench.profile import (
+    KernelRecorder,
+    kernel_floor,
+    materialize,
+    measured_ceiling,
+    speedup_ceiling,
+    step_breakdown,
+)
 from pali.bench.report import check_targets, to_markdown
 
 
@@ -38,10 +45,16 @@ def test_smallest_configuration_end_to_end(tmp_path):
     assert modes["greedy"]["new_tokens"] > 0
     names = [t["target"] for t in res["targets"]]
     assert "train step speed-up vs HF (tiny)" in names and "greedy decoding speed-up vs HF generate (tiny)" in names
-    assert train["ceiling"] > 1 and modes["greedy"]["ceiling"] > 1  # HF spends some time outside GEMMs
+    assert train["ceiling"] > 1 and modes["greedy"]["ceiling"] > 1  # HF spends some time outside its kernels
+    for row in (train, modes["greedy"]):
+        floor = row["kernel_floor"]
+        assert floor["ours"]["floor_s"] > 0 and floor["hf"]["calls_by_op"]["mm"] > 0
+        assert row["ceiling"] == pytest.approx(row.get("step_s_hf", row.get("call_s_hf")) / floor["hf"]["floor_s"])
+    assert train["kernel_floor"]["hf"]["calls_by_op"]["_fused_adamw_"] == 1
     md = (tmp_path / "results.md").read_text()
     assert env["commit"] in md and "| tiny | greedy |" in md and "## Targets" in md
-    assert "ceiling with the same GEMMs" in md and "Where a greedy call's CPU time goes" in md
+    assert "ceiling with the same kernels" in md and "Where a greedy call's CPU time goes" in md
+    assert "| tiny | HF |" in md and "beyond the kernels" in md
     assert "| tiny | 8 | 48 / 24 |" in md and "PaLI --no-trim-padding ex/s" in md
 
 
@@ -53,6 +66,59 @@ def test_speedup_ceiling_bounds_what_the_same_matmuls_allow():
     mixed = step_breakdown(lambda: [(a[:4, :4] + 1).mul_(2) for _ in range(200)] and a @ a, steps=3)
     assert speedup_ceiling(mixed) > 1.2
     assert speedup_ceiling({"self_cpu_s": 1.0, "gemm_s": 0.5, "optimizer_s": 0.25}) == pytest.approx(4 / 3)
+
+
+def test_kernel_floor_records_forward_backward_and_optimizer_kernels():
+    """One training step of a Linear: its forward addmm, the weight-gradient mm (the input needs no gradient)
+    and the fused AdamW, nothing else; under inference_mode a composite linear is decomposed and recorded."""
+    lin = torch.nn.Linear(16, 8)
+    opt = torch.optim.AdamW(lin.parameters(), fused=True)
+    x = torch.randn(4, 16)
+
+    def step():
+        lin(x).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    floor = kernel_floor(step, repeats=2)
+    assert floor["calls_by_op"] == {"addmm": 1, "mm": 1, "_fused_adamw_": 1} and floor["floor_s"] > 0
+
+    x3 = torch.randn(2, 3, 16)
+
+    def infer():
+        with torch.inference_mode():
+            return lin(x3) @ torch.ones(8, 2)
+    assert kernel_floor(infer, repeats=1)["calls_by_op"] == {"addmm": 1, "mm": 1}
+
+
+def test_kernel_floor_replays_with_the_recorded_layout_and_sharing():
+    """Replayed inputs keep shapes, strides and offsets, and tensors that shared memory share it again."""
+    w = torch.randn(8, 16)
+    a, b = torch.randn(4, 16), torch.randn(6, 16)
+    rec = KernelRecorder()
+    with rec:
+        torch.mm(a, w.t())
+        torch.mm(b[1:], w.t())
+    (f1, args1, _), (f2, args2, _) = materialize(rec.calls)
+    assert f1 is f2 is torch.ops.aten.mm.default
+    assert args1[1].untyped_storage().data_ptr() == args2[1].untyped_storage().data_ptr()  # the same weight
+    assert args1[1].stride() == (1, 16) and args1[1].shape == (16, 8)
+    assert args2[0].shape == (5, 16) and args2[0].storage_offset() == 16
+    assert args1[0].untyped_storage().data_ptr() != args2[0].untyped_storage().data_ptr()
+
+
+def test_measured_ceiling_is_large_where_time_goes_outside_the_kernels():
+    """A matmul alone sits near its floor; the same matmul after many tiny element-wise ops sits far above it."""
+    a = torch.randn(256, 256)
+
+    def mixed():
+        for _ in range(300):
+            (a[:4, :4] + 1).mul_(2)
+        return a @ a
+    floor = kernel_floor(mixed, repeats=3)
+    assert floor["calls_by_op"] == {"mm": 1}
+    wall = min(time_side_by_side({"m": mixed}, 3)["m"])
+    assert measured_ceiling(wall, floor) > 1.5
+    assert measured_ceiling(1.0, {"floor_s": 0.25}) == pytest.approx(4.0)
 
 
 def test_targets_are_judged_from_the_numbers():
