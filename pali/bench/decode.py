@@ -58,17 +58,15 @@ def run_decode(cfg: DecodeBenchConfig) -> list[dict]:
             if not torch.equal(ours, theirs):
                 raise AssertionError(f"{preset} num_beams={beams}: generated tokens differ from HF generate:\n"
                                      f"ours {ours.tolist()}\nhf   {theirs.tolist()}")
+            calls = {"ours": partial(model.generate, **inputs, **kw),
+                     "hf": partial(ref.generate, **inputs, **kw, do_sample=False)}
             with torch.no_grad():
-                times = time_side_by_side({"ours": partial(model.generate, **inputs, **kw),
-                                           "hf": partial(ref.generate, **inputs, **kw, do_sample=False)},
-                                          cfg.repeats, warmup=1, min_time_s=cfg.min_time_s)
+                times = time_side_by_side(calls, cfg.repeats, warmup=1, min_time_s=cfg.min_time_s)
             prof, floor = {}, {}
             if cfg.profile and beams == 1:
                 with torch.no_grad():
-                    prof = {"ours": step_breakdown(partial(model.generate, **inputs, **kw)),
-                            "hf": step_breakdown(partial(ref.generate, **inputs, **kw, do_sample=False))}
-                    floor = {"ours": kernel_floor(partial(model.generate, **inputs, **kw), cfg.repeats),
-                             "hf": kernel_floor(partial(ref.generate, **inputs, **kw, do_sample=False), cfg.repeats)}
+                    prof = {n: step_breakdown(f) for n, f in calls.items()}
+                    floor = {n: kernel_floor(f, cfg.repeats) for n, f in calls.items()}
             new_tokens = int((ours != model.cfg.text.pad_token_id).sum())
             t_ours, t_hf = median(times["ours"]), median(times["hf"])
             rows.append({"preset": preset, "mode": "greedy" if beams == 1 else f"beam {beams}",

@@ -11,12 +11,15 @@ arithmetic could reach over the reference.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+
+from pali.bench.common import median
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
             "aten::_scaled_dot_product_flash_attention_for_cpu")
@@ -135,11 +138,8 @@ def kernel_floor(fn: Callable[[], object], repeats: int = 5) -> dict:
             for f, a, k in calls:
                 f(*a, **k)
             times.append(time.perf_counter() - t)
-    times = sorted(times[1:])
-    by_op: dict[str, int] = {}
-    for f, _, _ in rec.calls:
-        by_op[f.overloadpacket.__name__] = by_op.get(f.overloadpacket.__name__, 0) + 1
-    return {"floor_s": times[len(times) // 2], "kernel_calls": len(calls), "calls_by_op": by_op}
+    by_op = Counter(f.overloadpacket.__name__ for f, _, _ in rec.calls)
+    return {"floor_s": median(times[1:]), "kernel_calls": len(calls), "calls_by_op": dict(by_op)}
 
 
 def measured_ceiling(wall_s: float, floor: dict) -> float:

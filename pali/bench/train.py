@@ -214,11 +214,8 @@ def run_train(cfg: TrainBenchConfig) -> list[dict]:
             compiled, compile_s, compiled_loss = _compiled_sides(preset, batch, {"ours": ours_loss, "hf": hf_loss},
                                                                  cfg.loss_tol)
         times = time_side_by_side({**fns, **compiled}, cfg.repeats, warmup=1, min_time_s=cfg.min_time_s)
-        prof = {n: step_breakdown(f) for n, f in (("ours", _step_fn(model, opts["ours"], batch, ours_fn)),
-                                                  ("hf", _step_fn(ref, opts["hf"], batch)))} if cfg.profile else {}
-        floor = {n: kernel_floor(f, cfg.repeats) for n, f in (("ours", _step_fn(model, opts["ours"], batch, ours_fn)),
-                                                              ("hf", _step_fn(ref, opts["hf"], batch)))} \
-            if cfg.profile else {}
+        prof = {n: step_breakdown(f) for n, f in fns.items()} if cfg.profile else {}
+        floor = {n: kernel_floor(f, cfg.repeats) for n, f in fns.items()} if cfg.profile else {}
         visual, prompt, target = batch_tokens(model.cfg, batch)
         tokens = visual + prompt + target
         t_ours, t_hf = median(times["ours"]), median(times["hf"])
