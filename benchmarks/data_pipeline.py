@@ -99,13 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     import torch
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(1)
     model_cfg = get_preset("tiny")
     with tempfile.TemporaryDirectory() as tmp:
         shards = list_shards(args.data) if args.data else write_synthetic_shards(tmp, args.examples, num_workers=2)
         tok = train_tokenizer_from_shards(shards, model_cfg.text.vocab_size)
         cfg = DataConfig.for_model(model_cfg, batch_size=args.batch_size)
+        from cluster.auth import use_in_this_process
+
+        use_in_this_process()
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         runs = [measure_pipeline(cfg, tok, shards) for _ in range(args.repeats)]

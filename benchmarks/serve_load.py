@@ -158,6 +158,50 @@ def ingress_processes() -> list[str]:
     return sorted({cmd.split()[0].rsplit("/", 1)[-1] for cmd in cmds if _group(cmd) == "proxy"})
 
 
+def _listen_addresses() -> dict[int, str]:
+    """Socket inode -> `ip:port` of every listening TCP socket on this machine (from /proc/net)."""
+    out: dict[int, str] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] != "0A":  # TCP_LISTEN
+                continue
+            hex_ip, hex_port = f[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            if len(raw) == 4:
+                ip = ".".join(str(b) for b in raw[::-1])
+            else:  # four little-endian 32-bit words
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                ip = "[" + socket.inet_ntop(socket.AF_INET6, words) + "]"
+            out[int(f[9])] = f"{ip}:{int(hex_port, 16)}"
+    return out
+
+
+def ingress_listeners() -> list[str]:
+    """`ip:port` of every TCP socket that an HAProxy process among this process's descendants listens on."""
+    try:
+        table = _proc_table()
+    except OSError:
+        return []
+    listening = _listen_addresses()
+    found = set()
+    for pid in _descendants(table):
+        if "/haproxy " not in table[pid][1]:
+            continue
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            if link.startswith("socket:[") and int(link[8:-1]) in listening:
+                found.add(listening[int(link[8:-1])])
+    return sorted(found)
+
+
 def cpu_per_request(before: dict, after: dict, wall: float, requests: int) -> dict:
     """CPU milliseconds per request of each process group, and busy cores (ours and the machine's)."""
     if not before or not after or not requests:
@@ -250,7 +294,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rounds={a.rounds}, --duration={a.duration}, --concurrency={a.concurrency}; expected >= 1, "
                 "> 0, >= 1")
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = ingress_env(a.ingress)
     if env:
         if "ray.serve" in sys.modules:  # Serve reads these when its modules are imported
@@ -277,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from cluster.auth import use_in_this_process
+
+    use_in_this_process()
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(a.torch_threads)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
@@ -297,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             stats1 = requests.get(url + "/v1/stats", timeout=30).json()["batch_sizes"]
             res["batch_sizes"] = {k: v - stats0.get(k, 0) for k, v in stats1.items() if v - stats0.get(k, 0)}
             res["ingress_processes"] = ingress_processes()
+            res["ingress_listeners"] = ingress_listeners()
             runs.append(res)
             cpu = res["cpu"]
             print(f"{mode:13s} max_batch_size={mbs:3d}  {res['requests_per_s']:8.2f} req/s  p50 {res['p50_ms']} ms  "

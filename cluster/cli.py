@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--head-cpus", type=int, default=None, help="logical CPUs of the head (default: same)")
     up.add_argument("--dashboard", action="store_true", help="start the dashboard and job server")
     up.add_argument("--object-store-mb", type=int, default=100, help="object store per node in MiB")
+    up.add_argument("--no-ray-auth", action="store_true",
+                    help="turn Ray's token authentication off (warned; anyone reaching this machine can run code)")
     sub.add_parser("status", help="list the nodes and what the GCS says about them")
     sub.add_parser("down", help="stop every node of the cluster and remove its directory")
     add = sub.add_parser("add-node", help="start one more worker node")
@@ -50,13 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "up":
         cluster = LocalCluster(args.workers, args.cpus_per_node, head_cpus=args.head_cpus,
                                include_dashboard=args.dashboard, object_store_mb=args.object_store_mb,
-                               dir=args.dir, keep_dir=True)
+                               dir=args.dir, keep_dir=True, auth=not args.no_ray_auth)
         cluster.start()
         cluster.detach()
         print_status(cluster)
-        print(f"\nconnect: RAY_ADDRESS={cluster.address} python your_driver.py")
+        mode = f"RAY_AUTH_MODE={cluster.auth_env.get('RAY_AUTH_MODE', 'token')}"
+        print(f"\nconnect: {mode} RAY_ADDRESS={cluster.address} python your_driver.py")
         if cluster.dashboard_url:
-            print(f"submit:  ray job submit --address {cluster.dashboard_url} --working-dir . -- python ...")
+            print(f"submit:  {mode} ray job submit --address {cluster.dashboard_url} --working-dir . -- python ...")
+        if mode.endswith("token"):
+            print("token:   Ray's own lookup (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); "
+                  "`ray get-auth-token` prints it")
         return 0
     cluster = LocalCluster.attach(args.dir)
     if args.cmd == "status":

@@ -12,6 +12,11 @@ carries the environment marker `PALI_LOCAL_CLUSTER_NODE=<dir>:<node>`, so stoppi
 exactly that node's processes (never `ray stop`, which kills every Ray process on the host).
 This module never calls `ray.init`; connect a driver from another process (see `run_driver`).
 
+Token authentication stays on (`cluster.auth`): every node runs with `RAY_AUTH_MODE=token` and the
+token Ray finds (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`, generated if none);
+drivers need `RAY_AUTH_MODE=token` and the same token. `auth=False` (CLI: `--no-ray-auth`) turns it
+off, with a warning.
+
 CLI::
 
     python -m cluster.local_cluster up --workers 2 --cpus-per-node 4 [--dashboard]
@@ -38,13 +43,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster import auth
 from cluster.procs import MARKER_ENV, free_port, has_marker, pids_with_marker, signal_pid, tail
 
 DEFAULT_DIR = "/tmp/pali-lc"
 """Where the CLI keeps its cluster (Ray temp dir, logs, state.json). Short: Unix sockets live below it."""
 BASE_ENV = {
-    # Loopback-only cluster: no token auth, no usage stats, no thread oversubscription on 2 cores.
-    "RAY_AUTH_MODE": "disabled",
+    # No usage stats, no thread oversubscription on 2 cores (token auth: see `cluster.auth`).
     "RAY_USAGE_STATS_ENABLED": "0",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -96,6 +101,7 @@ class _State:
     dashboard_url: str | None
     next_worker: int
     nodes: list[LocalNode] = field(default_factory=list)
+    auth_mode: str = "token"
 
 
 class LocalCluster:
@@ -119,6 +125,8 @@ class LocalCluster:
             an attempt whose `ray start` exits fails at once).
         env: extra environment variables for every node process (and so for every task).
         keep_dir: keep `dir` (logs) after `shutdown`.
+        auth: keep Ray's token authentication on (the default); False turns it off with a warning,
+            as does `RAY_AUTH_MODE=disabled` in this process's environment.
     """
 
     def __init__(
@@ -133,6 +141,7 @@ class LocalCluster:
         startup_timeout_s: float = 300.0,
         env: dict[str, str] | None = None,
         keep_dir: bool = False,
+        auth: bool = True,
     ) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers is {num_workers}; expected >= 0")
@@ -151,6 +160,9 @@ class LocalCluster:
         self.startup_timeout_s = startup_timeout_s
         self.env = dict(env or {})
         self.keep_dir = keep_dir
+        self.auth = auth
+        self.auth_env: dict[str, str] = {}
+        """`RAY_AUTH_MODE` of the nodes (set by `start`); drivers must use the same."""
         self._requested_dir = dir
         self.dir: str | None = None
         self.address: str | None = None
@@ -176,6 +188,8 @@ class LocalCluster:
                                    "run `python -m cluster.local_cluster down` first")
             os.makedirs(self.dir, exist_ok=True)
         os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
+        # This process talks to the GCS too (node_table): it needs the nodes' mode.
+        self.auth_env = auth.use_in_this_process(no_auth_flag=not self.auth)
         atexit.register(self._stop_at_exit)  # nodes are in their own sessions: never leak them
         try:
             self._start_head()
@@ -333,14 +347,17 @@ class LocalCluster:
         raw = json.loads(Path(path).read_text())
         nodes = [LocalNode(**n) for n in raw.pop("nodes")]
         state = _State(nodes=nodes, **raw)
-        cluster = cls(num_workers=len(nodes) - 1, dir=state.dir, keep_dir=False)
+        cluster = cls(num_workers=len(nodes) - 1, dir=state.dir, keep_dir=False, auth=state.auth_mode != "disabled")
+        cluster.auth_env = {auth.MODE_ENV: state.auth_mode}
+        os.environ.update(cluster.auth_env)  # node_table() talks to the GCS from this process
         cluster.dir, cluster.address, cluster.dashboard_url = state.dir, state.address, state.dashboard_url
         cluster.include_dashboard = state.dashboard_url is not None
         cluster.nodes, cluster._next_worker = nodes, state.next_worker
         return cluster
 
     def _save(self) -> None:
-        state = _State(self.dir, self.address, self.dashboard_url, self._next_worker, self.nodes)
+        state = _State(self.dir, self.address, self.dashboard_url, self._next_worker, self.nodes,
+                       self.auth_env.get(auth.MODE_ENV, "token"))
         tmp = os.path.join(self.dir, "state.json.tmp")
         Path(tmp).write_text(json.dumps(asdict(state), indent=1))
         os.replace(tmp, os.path.join(self.dir, "state.json"))
@@ -379,7 +396,7 @@ class LocalCluster:
         res = {f"node:{name}": 1.0, **(resources or {})}
         log_path = os.path.join(self.dir, "logs", f"{name}.out")
         cmd = self._node_command(num_cpus, res, extra)
-        env = {**os.environ, **BASE_ENV, **self.env, "RAY_TMPDIR": self.dir,
+        env = {**os.environ, **BASE_ENV, **self.auth_env, **self.env, "RAY_TMPDIR": self.dir,
                MARKER_ENV: self._marker(name)}
         env.pop("RAY_ADDRESS", None)  # a worker joins the address given on its command line only
         # The log is appended to across retries of a node: remember where this launch's output starts,
@@ -479,9 +496,12 @@ class LocalCluster:
     def _wait_http(self, url: str, node: LocalNode) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         last: Exception | None = None
+        headers = {}
+        if self.auth_env.get(auth.MODE_ENV) == "token":  # the job server checks the token like the GCS
+            headers["Authorization"] = f"Bearer {auth.find_token()}"
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(url, timeout=5) as resp:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
                     if resp.status == 200:
                         return
             except Exception as e:  # noqa: BLE001 - connection refused until the dashboard binds
@@ -531,10 +551,13 @@ def run_driver(address: str, code: str, timeout_s: float = 120.0,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -c code` as a Ray driver of the cluster at `address` (RAY_ADDRESS is set).
 
+    The driver gets `RAY_AUTH_MODE=token` (unless this process has `RAY_AUTH_MODE=disabled`) and
+    finds the token as Ray documents; `env` overrides either.
+
     A separate process, so it works from a test process that already `ray.init`-ed another cluster.
     Raises `RuntimeError` with the output if the driver exits non-zero.
     """
-    full_env = {**os.environ, **BASE_ENV, **(env or {}), "RAY_ADDRESS": address}
+    full_env = {**os.environ, **BASE_ENV, **auth.client_env(), **(env or {}), "RAY_ADDRESS": address}
     res = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
                          timeout=timeout_s, cwd=os.getcwd())
     if res.returncode != 0:

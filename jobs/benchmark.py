@@ -92,7 +92,6 @@ def run(a: argparse.Namespace, command: str) -> dict:
     from pali.bench.report import check_targets
 
     torch.set_num_threads(a.threads)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()

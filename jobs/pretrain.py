@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     g.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                    help="existing cluster (default: RAY_ADDRESS, else a local Ray)")
     g.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray (oversubscribed on purpose)")
+    g.add_argument("--no-ray-auth", action="store_true",
+                   help="start the local Ray without token authentication (warned: its ports listen on every "
+                        "interface); a cluster joined with --ray-address keeps its own settings")
     g.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per training worker")
     g.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -114,24 +117,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     return cfg, a
 
 
-def init_ray(address: str | None, num_cpus: int) -> None:
-    """Connect to a cluster, or start a local one with oversubscribed logical CPUs (see DESIGN.md)."""
+def init_ray(address: str | None, num_cpus: int, no_auth: bool = False) -> None:
+    """Connect to a cluster, or start a local one with oversubscribed logical CPUs (see docs/design.md).
+
+    A cluster joined by address keeps the user's auth settings as they are; a local one keeps Ray's
+    token authentication on unless `no_auth` (or `RAY_AUTH_MODE=disabled`) says otherwise.
+    """
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if not address else None
     if ray.is_initialized():
         return
-    env = {"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "")}}
+    env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
     if address:
         ray.init(address=address, runtime_env=env)
     else:
+        from cluster.auth import use_in_this_process
+
+        use_in_this_process(no_auth_flag=no_auth)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train, consolidate, report."""
     cfg, a = parse_args(argv)
-    init_ray(a.ray_address, a.num_cpus)
+    init_ray(a.ray_address, a.num_cpus, no_auth=a.no_ray_auth)
     from pali.train.trainer import consolidate, fit, unmet_resources, write_summary
 
     if not a.ray_address:  # a local Ray never grows: fail now instead of waiting for resources forever

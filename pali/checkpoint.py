@@ -25,21 +25,24 @@ TOKENIZER_FILE = "tokenizer.model"
 FORMAT_VERSION = 1
 
 
-def create_model(preset_or_config: str | PaLIConfig, device: str | torch.device = "cpu",
+def create_model(preset_or_config: str | PaLIConfig, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, seed: int | None = None) -> PaLI:
     """A freshly initialised PaLI from a preset name ("tiny", "pali-3b", ...) or a `PaLIConfig`.
 
     Every parameter is drawn from its own generator seeded from (seed, name) (see `init_tensor`), so the
     weights do not depend on the device, the dtype or how the model is sharded. seed=None draws the base
-    seed from the global torch RNG. `device="meta"` builds the structure without memory (parameter
-    counting, planning, sharded loads).
+    seed from the global torch RNG. `device=None` builds on the current default device: the CPU, or
+    the device of an enclosing `with torch.device(...)` block. `device="meta"` (or `with
+    torch.device("meta"):`, the torchtitan / accelerate idiom) builds the structure without memory
+    (parameter counting, planning, sharded loads).
     """
     cfg = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     if seed is not None:
         torch.manual_seed(seed)  # callers may rely on the global stream being seeded too
+    device = torch.get_default_device() if device is None else torch.device(device)
     with torch.device(device):
         model = PaLI(cfg)
-    if str(device) != "meta":
+    if device.type != "meta":
         init_weights(model, seed)
     if dtype is not None:
         model.to(dtype)
@@ -90,7 +93,7 @@ def init_tensor(cfg: PaLIConfig, name: str, shape: tuple[int, ...] | torch.Size,
     name: as in `PaLI.state_dict()`; shape: its full (unsharded) shape. Values are drawn in float32 on
     the CPU and cast to `dtype`, so `create_model(cfg, seed=seed).state_dict()[name]` equals this exactly.
     """
-    full = _fill_(torch.empty(tuple(shape), dtype=torch.float32), cfg, name, seed)
+    full = _fill_(torch.empty(tuple(shape), dtype=torch.float32, device="cpu"), cfg, name, seed)
     return full if dtype == torch.float32 else full.to(dtype)
 
 
@@ -102,7 +105,8 @@ def init_weights(model: PaLI, seed: int | None = None) -> None:
     the global torch RNG.
     """
     if seed is None:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+        # Explicitly on the CPU: under `with torch.device("meta")` a bare randint would be a meta tensor.
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), device="cpu").item())
     for name, p in model.named_parameters():
         if p.device.type == "cpu" and p.dtype == torch.float32:
             _fill_(p, model.cfg, name, seed)

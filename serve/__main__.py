@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--no-ray-auth", action="store_true",
+                   help="start the local Ray without token authentication (warned: its ports listen on every "
+                        "interface); a cluster joined with --address keeps its own settings")
     p.add_argument("--max-batch-size", type=int, default=16, help="1 turns batching off")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.1,
                    help="how long a partial batch waits for more requests (default 0.1)")
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     from serve.app import build_app
 
     os.environ.setdefault("OMP_NUM_THREADS", str(ns.torch_threads))
+    if not ns.address and not os.environ.get("RAY_ADDRESS"):
+        from cluster.auth import use_in_this_process
+
+        use_in_this_process(no_auth_flag=ns.no_ray_auth)
     ray.init(address=ns.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(ns.torch_threads)}})
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(build_app(args), name="pali", route_prefix="/")

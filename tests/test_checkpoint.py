@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import pali
 from pali import create_model, load_pretrained, save_pretrained
 from pali.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from pali.tokenizer import Tokenizer
@@ -101,3 +102,27 @@ def test_config_not_matching_weights(model, tokenizer, tmp_path):
     (out / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="num_layerz"):
         load_pretrained(out)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base", "pali-3b", "pali-15b", "pali-17b"])
+def test_create_model_under_meta_device_context(preset):
+    """`with torch.device("meta"): create_model(name)` (the torchtitan / accelerate idiom) builds every
+    preset without memory, exactly as `create_model(name, device="meta")` does."""
+    with torch.device("meta"):
+        ambient = pali.create_model(preset)  # seed=None: the base seed is drawn on the CPU, not on meta
+    explicit = pali.create_model(preset, device="meta")
+    assert all(t.is_meta for t in [*ambient.parameters(), *ambient.buffers()])
+    shapes = {k: tuple(v.shape) for k, v in ambient.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in explicit.state_dict().items()}
+
+
+def test_init_tensor_and_seeded_build_ignore_an_ambient_meta_context():
+    from pali.checkpoint import init_tensor
+
+    ref = pali.create_model("tiny", seed=3)
+    name, value = next(iter(ref.state_dict().items()))
+    with torch.device("meta"):
+        t = init_tensor(ref.cfg, name, value.shape, 3)
+        on_cpu = pali.create_model("tiny", device="cpu", seed=3)
+    assert t.device.type == "cpu" and torch.equal(t, value)
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu.state_dict().values(), ref.state_dict().values(), strict=True))

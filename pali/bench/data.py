@@ -8,7 +8,6 @@ pipeline (time blocked in `next(batch)` / total step time, first batch excluded 
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ class DataBenchConfig:
     train_steps: int = 10
     """Steps of the consumption-rate measurement and of each fed-training run."""
     num_cpus: int = 8
-    """Logical CPUs of the local Ray instance (oversubscribed on purpose, see DESIGN.md)."""
+    """Logical CPUs of the local Ray instance (oversubscribed on purpose, see docs/design.md)."""
 
 
 def _fed_training(model, opt, cfg, tok, shards, batch_size: int, steps: int) -> dict[str, float]:
@@ -81,7 +80,6 @@ def run_data(cfg: DataBenchConfig) -> dict:
 
     script = load_script("data_pipeline")
     measure_pipeline, measure_training = script.measure_pipeline, script.measure_training
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     model_cfg = get_preset(cfg.preset)
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_synthetic_shards(tmp, cfg.examples, num_workers=1, examples_per_shard=128,
@@ -90,6 +88,9 @@ def run_data(cfg: DataBenchConfig) -> dict:
         dcfg = DataConfig.for_model(model_cfg, batch_size=cfg.batch_size)
         started = not ray.is_initialized()
         if started:
+            from cluster.auth import use_in_this_process
+
+            use_in_this_process()
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         try:

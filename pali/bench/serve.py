@@ -51,7 +51,7 @@ def load_run(cfg: ServeBenchConfig, ingress: str) -> dict:
     """The JSON of one `serve_load.py --ingress INGRESS` run in a fresh process (retried once when Ray or
     Serve fails to start on a loaded machine)."""
     script = REPO / "benchmarks" / "serve_load.py"
-    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    env = dict(os.environ)
     # On a loaded 2-core machine the HTTP proxy misses Serve's 5 s readiness check and is killed.
     for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
         env.setdefault(var, "60")

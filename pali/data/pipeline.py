@@ -200,6 +200,10 @@ class DataStats:
 
         self.key = name or uuid.uuid4().hex
         if not ray.is_initialized():
+            if not os.environ.get("RAY_ADDRESS"):
+                from cluster.auth import use_in_this_process
+
+                use_in_this_process()  # a local cluster keeps Ray's token authentication on
             ray.init()  # what Ray Data would do on first use anyway
         job = ray.get_runtime_context().get_job_id()
         if _ACTOR_CACHE.get("job") != job:

@@ -92,6 +92,9 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
+        from cluster.auth import use_in_this_process
+
+        use_in_this_process()  # a cluster this process starts keeps Ray's token authentication on
         # Logical oversubscription: Ray Data deadlocks when actors hold every CPU of a small machine.
         ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
 

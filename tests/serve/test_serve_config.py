@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,10 @@ def test_launcher_ingress_flags(capsys):
 
     assert parse_args(["--checkpoint", "c"]).ingress == "proxy" and ingress_env("proxy") == {}
     assert parse_args(["--checkpoint", "c", "--ingress", "haproxy"]).ingress == "haproxy"
-    assert ingress_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    env = ingress_env("haproxy")
+    assert {k: env[k] for k in INGRESS_ENV["haproxy"]} == {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                                                           "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    assert os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)  # the loopback-admin launcher
     ingress_env("haproxy")["X"] = "1"  # a copy: callers cannot change the table
     assert "X" not in INGRESS_ENV["haproxy"]
     with pytest.raises(ValueError, match="unknown ingress 'nginx'"):

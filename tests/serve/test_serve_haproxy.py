@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_haproxy_ingress_serves_batched_and_unbatched(tmp_path):
     out = tmp_path / "load.json"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="60")
+    env = dict(os.environ, RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="60")  # token auth stays on (conftest)
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--ingress", "haproxy",
                            "--duration", "2", "--concurrency", "16", "--torch-threads", "1", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -33,3 +33,6 @@ def test_haproxy_ingress_serves_batched_and_unbatched(tmp_path):
     assert max(int(k) for k in runs["batching_on"]["batch_sizes"]) > 1  # requests met in one batch
     assert set(runs["batching_off"]["batch_sizes"]) == {"1"}
     assert "haproxy" in runs["batching_on"]["ingress_processes"]  # HAProxy really took the HTTP port
+    # The API port (http_options.host 127.0.0.1), the stats page and the Prometheus exporter: all loopback.
+    listeners = runs["batching_on"]["ingress_listeners"]
+    assert len(listeners) >= 3 and all(a.startswith("127.0.0.1:") for a in listeners), listeners
