@@ -1,6 +1,6 @@
 """PaLI on Ray: multilingual vision-language models (ViT + mT5), trained and served with Ray.
 
-Python API (DESIGN.md "Contracts"):
+Python API (docs/design.md "Contracts"):
     create_model(preset_or_config) -> PaLI
     from_hf(text_dir, vision_dir) -> PaLI
     load_pretrained(dir) -> (PaLI, Tokenizer)

@@ -1,6 +1,6 @@
 """The Ray Serve application: a FastAPI ingress over batched, multiplexed PaLI replicas.
 
-Endpoints (DESIGN.md "HTTP API"): `POST /v1/generate`, `GET /v1/models`, `GET /v1/stats`, `GET /healthz`,
+Endpoints (docs/design.md "HTTP API"): `POST /v1/generate`, `GET /v1/models`, `GET /v1/stats`, `GET /healthz`,
 `GET /` (demo page), `/openapi.json`, `/docs`. Every bad input is a 4xx `{"error": message}`.
 
 `build_app(args)` is the application builder named in `serve/config.yaml`

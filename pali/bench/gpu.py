@@ -390,7 +390,7 @@ def profile_step(device: torch.device, preset: str, batch_size: int, ac: bool, p
 
 
 def executed_flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, ac: bool) -> float:
-    """FLOPs the hardware runs per example (`pali.plan.cost`): unlike MFU's model FLOPs (DESIGN.md), a frozen
+    """FLOPs the hardware runs per example (`pali.plan.cost`): unlike MFU's model FLOPs (docs/design.md), a frozen
     ViT counts its forward only and activation checkpointing adds the recomputed forwards."""
     from pali.plan.cost import stage_flops
     from pali.plan.memory import Geometry, cut_stages

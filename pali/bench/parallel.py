@@ -2,7 +2,7 @@
 
 Runs spawned CPU processes joined by a gloo group (as `tests/parallel/harness.py` does) rather than the
 local multi-node Ray cluster: on 2 cores, starting that cluster plus a Ray Train run costs minutes and
-every `ray.train.report` ~1.8 s (DESIGN.md), which would swamp a step of a few hundred milliseconds.
+every `ray.train.report` ~1.8 s (docs/design.md), which would swamp a step of a few hundred milliseconds.
 Memory counts the bytes of the rank's own tensors (trainable parameters and AdamW's `exp_avg` /
 `exp_avg_sq`, `step` scalars included) after one real optimizer step.
 """

@@ -164,7 +164,7 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0
 
 
 def flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, training: bool = True) -> float:
-    """Training FLOPs of one example (DESIGN.md): 6*N*tokens for the matmuls plus 12*L*d*len^2 attention.
+    """Training FLOPs of one example (docs/design.md): 6*N*tokens for the matmuls plus 12*L*d*len^2 attention.
 
     P patches, S = P + prompt tokens, T target tokens. Inference (`training=False`) is a third of it.
     Parameter counts exclude embeddings (no matmul) but include the patch embedding and the output head

@@ -1,7 +1,7 @@
 """Per-step training metrics: metrics.jsonl, TensorBoard scalars and a PNG of the loss curves.
 
 Written by global rank 0 only. Ray's `train.report` is a ~2 s barrier here, so per-step numbers go to
-files and Ray only sees checkpoints (DESIGN.md "Ray facts that bite").
+files and Ray only sees checkpoints (docs/design.md "Ray facts that bite").
 """
 
 from __future__ import annotations
