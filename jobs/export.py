@@ -23,8 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Load the checkpoint and write the Hugging Face directories."""
-    from pali.checkpoint import load_pretrained
     from pali.hf import to_hf
+    from pali.serving_checkpoint import load_pretrained
 
     args = parse_args(argv)
     model, tokenizer = load_pretrained(args.checkpoint)

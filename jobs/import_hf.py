@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Import and write the checkpoint; prints the parameter counts."""
-    from pali.checkpoint import save_pretrained
     from pali.hf import from_hf, load_hf_tokenizer
+    from pali.serving_checkpoint import save_pretrained
     from pali.tokenizer import Tokenizer
 
     args = parse_args(argv)

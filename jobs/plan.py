@@ -13,10 +13,10 @@ import sys
 
 from pali.config import PaLIConfig, get_preset, parse_overrides
 from pali.models.pali import flops_per_example
-from pali.plan.hardware import GPUS, get_gpu
-from pali.plan.memory import Geometry, total_params
-from pali.plan.planner import LayoutPlan, PlanRequest, plan, recommend
-from pali.plan.serve import DTYPE_BYTES, serve_plan
+from pali.sizing.hardware import GPUS, get_gpu
+from pali.sizing.memory import Geometry, total_params
+from pali.sizing.planner import LayoutPlan, PlanRequest, plan, recommend
+from pali.sizing.serve import DTYPE_BYTES, serve_plan
 
 
 def _seq(text: str) -> Geometry:

@@ -7,9 +7,10 @@ Python API (docs/design.md "Contracts"):
     save_pretrained(model, tokenizer, dir)
 """
 
-from pali.checkpoint import create_model, load_pretrained, save_pretrained
 from pali.config import PaLIConfig, TextConfig, VisionConfig, get_preset
+from pali.factory import create_model
 from pali.models.pali import PaLI, PaLIOutput
+from pali.serving_checkpoint import load_pretrained, save_pretrained
 
 
 def from_hf(text_dir, vision_dir=None, **kw):

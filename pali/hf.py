@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pali.checkpoint import create_model, load_state
 from pali.config import PaLIConfig, TextConfig, VisionConfig, vit
+from pali.factory import create_model
 from pali.models.pali import PaLI
+from pali.serving_checkpoint import load_state
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _SIGLIP_TYPES = ("siglip_vision_model", "siglip", "siglip2_vision_model")

@@ -51,7 +51,7 @@ class LoadedModel:
 
 def load_model(name: str, ckpt_dir: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a serving checkpoint (safetensors + json + sentencepiece; no pickle)."""
-    from pali.checkpoint import load_pretrained
+    from pali.serving_checkpoint import load_pretrained
 
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint of model {name!r} not found at {ckpt_dir}")

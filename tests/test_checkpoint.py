@@ -9,7 +9,7 @@ import torch
 
 import pali
 from pali import create_model, load_pretrained, save_pretrained
-from pali.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from pali.serving_checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from pali.tokenizer import Tokenizer
 
 
@@ -117,7 +117,7 @@ def test_create_model_under_meta_device_context(preset):
 
 
 def test_init_tensor_and_seeded_build_ignore_an_ambient_meta_context():
-    from pali.checkpoint import init_tensor
+    from pali.factory import init_tensor
 
     ref = pali.create_model("tiny", seed=3)
     name, value = next(iter(ref.state_dict().items()))

@@ -120,22 +120,3 @@ def batch_tokens(cfg, batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     b = batch["input_ids"].shape[0]
     visual = b * cfg.vision.num_tokens if batch.get("pixel_values") is not None else 0
     return visual, int(batch["attention_mask"].sum()), int((batch["labels"] > 0).sum())
-
-
-def load_script(name: str):
-    """A module from the repository's `benchmarks/` directory (`benchmarks/<name>.py`), loaded by path:
-    `benchmarks` is not a package, and site-packages may hold an unrelated `benchmarks` package."""
-    import importlib.util
-    import sys
-
-    path = REPO / "benchmarks" / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; expected the benchmark script benchmarks/{name}.py")
-    mod_name = f"_pali_benchmarks_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = mod
-    spec.loader.exec_module(mod)
-    return mod

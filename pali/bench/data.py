@@ -1,7 +1,7 @@
 """Suite `data`: Ray Data pipeline throughput against what one training worker consumes, and the
 fraction of step time a worker waits for data when both run at once.
 
-Reuses the data engineer's `benchmarks/data_pipeline.py` for the pipeline pass (consumer and producer
+Reuses the data engineer's `pali/bench/data_pipeline.py` for the pipeline pass (consumer and producer
 side) and the tiny-preset consumption rate; adds the wait fraction of a real training loop fed by the
 pipeline (time blocked in `next(batch)` / total step time, first batch excluded as start-up).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import pali
-from pali.bench.common import load_script, median
+from pali.bench.common import median
 from pali.config import get_preset
 
 
@@ -75,11 +75,9 @@ def run_data(cfg: DataBenchConfig) -> dict:
     rate, their ratio, and the wait fraction of pipeline-fed training."""
     import ray
 
+    from pali.bench.data_pipeline import measure_pipeline, measure_training
     from pali.data.pipeline import DataConfig, train_tokenizer_from_shards
     from pali.data.synthetic import write_synthetic_shards
-
-    script = load_script("data_pipeline")
-    measure_pipeline, measure_training = script.measure_pipeline, script.measure_training
     model_cfg = get_preset(cfg.preset)
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_synthetic_shards(tmp, cfg.examples, num_workers=1, examples_per_shard=128,

@@ -234,7 +234,7 @@ def check_parity(device: torch.device) -> dict:
 def check_train(device: torch.device, steps: int) -> dict:
     """The trainer's optimizer / schedule / clipping on a fixed batch in bf16 autocast; checkpoint round trip."""
     from pali.parallel import Grid, build_engine
-    from pali.train import checkpointing as ck
+    from pali.train import sharded_checkpoint as ck
     from pali.train.config import TrainConfig
     from pali.train.optim import build_optimizer, build_scheduler
 
@@ -390,10 +390,10 @@ def profile_step(device: torch.device, preset: str, batch_size: int, ac: bool, p
 
 
 def executed_flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, ac: bool) -> float:
-    """FLOPs the hardware runs per example (`pali.plan.cost`): unlike MFU's model FLOPs (docs/design.md), a frozen
+    """FLOPs the hardware runs per example (`pali.sizing.cost`): unlike MFU's model FLOPs (docs/design.md), a frozen
     ViT counts its forward only and activation checkpointing adds the recomputed forwards."""
-    from pali.plan.cost import stage_flops
-    from pali.plan.memory import Geometry, cut_stages
+    from pali.sizing.cost import stage_flops
+    from pali.sizing.memory import Geometry, cut_stages
 
     geo = Geometry(prompt_len, target_len)
     return sum(stage_flops(cfg, st, geo, checkpointing=ac).executed for st in cut_stages(cfg, 1))
@@ -403,8 +403,8 @@ def planner_row(cfg: PaLIConfig, batch_size: int, prompt_len: int, target_len: i
                 gpu: str = "h200", mfu: float = 0.4) -> dict:
     """What `jobs.plan` predicts for this one-GPU run: peak memory, and the step time at `mfu`."""
     try:
-        from pali.plan import Geometry, PlanRequest, get_gpu
-        from pali.plan.planner import evaluate
+        from pali.sizing import Geometry, PlanRequest, get_gpu
+        from pali.sizing.planner import evaluate
 
         req = PlanRequest(cfg, get_gpu(gpu), 1, 1, batch_size, Geometry(prompt_len, target_len), mfu,
                           overhead_gb=0.0)
@@ -551,7 +551,7 @@ def to_markdown(res: dict) -> str:
                   f"{r['ms_per_step']:.1f} |" for r in d["rows"]]
         lines.append("")
     ray = res.get("ray")
-    if ray:  # recorded from benchmarks/gpu_ray_check.py (the same GPU path through Ray Train and Serve)
+    if ray:  # recorded from pali/bench/gpu_ray_check.py (the same GPU path through Ray Train and Serve)
         t, s = ray["train"], ray["serve"]
         ev, last = t["eval"]["mean"], t["last_100_steps"]
         lines += [f"**Through Ray** ({ray['command']})", "",

@@ -1,6 +1,6 @@
 """Suite `serve`: requests/s and p50/p99 latency of the Serve app with dynamic batching against batch size 1.
 
-Reuses the serving engineer's `benchmarks/serve_load.py`, once per HTTP ingress (`serve.config.INGRESS_ENV`:
+Reuses the serving engineer's `pali/bench/serve_load.py`, once per HTTP ingress (`serve.config.INGRESS_ENV`:
 Serve's Python proxy, then HAProxy with direct ingress), each in its own process and Ray session (the
 ingress is fixed when Ray starts): one replica, the same closed-loop load of `concurrency` clients from
 one asyncio process, batching on and off alternating within the session (on off, off on, ...: `repeats`
@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pali.bench.common import REPO, load_script, median
+from pali.bench.common import REPO, median
 
 INGRESS_NAMES = {"proxy": "Serve HTTP proxy (default)", "haproxy": "HAProxy + direct ingress"}
 """Ingress -> how the report names it."""
@@ -50,7 +50,6 @@ class ServeBenchConfig:
 def load_run(cfg: ServeBenchConfig, ingress: str) -> dict:
     """The JSON of one `serve_load.py --ingress INGRESS` run in a fresh process (retried once when Ray or
     Serve fails to start on a loaded machine)."""
-    script = REPO / "benchmarks" / "serve_load.py"
     env = dict(os.environ)
     # On a loaded 2-core machine the HTTP proxy misses Serve's 5 s readiness check and is killed.
     for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
@@ -58,7 +57,7 @@ def load_run(cfg: ServeBenchConfig, ingress: str) -> dict:
     timeout = 240 + cfg.repeats * 2 * (cfg.duration_s + 90)
     with tempfile.TemporaryDirectory() as tmp:
         out, log = Path(tmp) / "serve.json", Path(tmp) / "serve.log"
-        argv = [sys.executable, str(script), "--concurrency", str(cfg.concurrency), "--duration",
+        argv = [sys.executable, "-m", "pali.bench.serve_load", "--concurrency", str(cfg.concurrency), "--duration",
                 str(cfg.duration_s), "--rounds", str(cfg.repeats), "--max-new-tokens", str(cfg.max_new_tokens),
                 "--max-batch-size", str(cfg.max_batch_size), "--torch-threads", "1", "--ingress", ingress,
                 "--out", str(out)]
@@ -112,10 +111,10 @@ def replica_batching(batch_size: int, max_new_tokens: int, repeats: int) -> dict
     import numpy as np
     import torch
 
+    from pali.bench import serve_load as script
     from pali.bench.common import time_side_by_side
     from serve.engine import DecodeParams, Item, decode_items, encode_prompt, load_model, make_prompt
 
-    script = load_script("serve_load")
     with tempfile.TemporaryDirectory() as tmp:
         entry = load_model("default", str(script.tiny_checkpoint(Path(tmp) / "tiny")))
     rng = np.random.default_rng(0)

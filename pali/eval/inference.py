@@ -65,7 +65,7 @@ class Predictor:
                  device: str | None = None, dtype: str | None = None):
         import torch
 
-        from pali.checkpoint import load_pretrained
+        from pali.serving_checkpoint import load_pretrained
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = getattr(torch, dtype or ("bfloat16" if self.device.startswith("cuda") else "float32"))
@@ -121,8 +121,8 @@ def predict(shards: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | 
     """
     import ray
 
-    from pali.checkpoint import TOKENIZER_FILE, load_config
     from pali.data.pipeline import DataConfig, build_eval_dataset
+    from pali.serving_checkpoint import TOKENIZER_FILE, load_config
     from pali.tokenizer import Tokenizer
 
     checkpoint = os.path.abspath(cfg.checkpoint)

@@ -58,7 +58,8 @@ def check_checkpoint(checkpoint: str) -> dict[str, Any]:
     """
     from safetensors import safe_open
 
-    from pali.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, create_model, load_config
+    from pali.factory import create_model
+    from pali.serving_checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_config
     from pali.tokenizer import Tokenizer
 
     ckpt = Path(checkpoint)

@@ -9,8 +9,8 @@
 
 from pali.parallel.engine import Engine, StepResult, build_engine, compile_stage
 from pali.parallel.grid import Grid
-from pali.parallel.plan import TP_PLAN, ShardSpec, apply_tp_plan, merge_shards, plan_style, slice_for
 from pali.parallel.stages import STAGE_PARTS, build_stage_model, layout_specs
+from pali.parallel.tp_plan import TP_PLAN, ShardSpec, apply_tp_plan, merge_shards, plan_style, slice_for
 
 __all__ = ["STAGE_PARTS", "TP_PLAN", "Engine", "Grid", "ShardSpec", "StepResult", "apply_tp_plan",
            "build_engine", "build_stage_model", "compile_stage", "layout_specs", "merge_shards", "plan_style",

@@ -21,12 +21,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pali.checkpoint import init_tensor
 from pali.config import PaLIConfig
+from pali.factory import init_tensor
 from pali.models.pali import real_targets
 from pali.models.t5 import check_labels, check_token_ids, real_length
 from pali.parallel.grid import Grid
-from pali.parallel.plan import ShardSpec, merge_shards, slice_for
 from pali.parallel.stages import (
     SHARED_ACROSS_STAGES,
     TokenLoss,
@@ -35,6 +34,7 @@ from pali.parallel.stages import (
     stage_io_meta,
     stage_module,
 )
+from pali.parallel.tp_plan import ShardSpec, merge_shards, slice_for
 
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
 

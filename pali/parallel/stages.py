@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from torch import nn
 
-from pali.checkpoint import create_model
 from pali.config import PaLIConfig
+from pali.factory import create_model
 from pali.models.pali import PaLI, real_targets
 from pali.parallel import deep
 from pali.parallel.deep import first_decoder_stage
-from pali.parallel.plan import TP_PLAN, ShardSpec, apply_tp_plan, check_tp, shard_specs
+from pali.parallel.tp_plan import TP_PLAN, ShardSpec, apply_tp_plan, check_tp, shard_specs
 
 _ALL_PARTS = ("vision_tower", "projector", "text.shared", "text.encoder", "text.decoder", "text.lm_head")
 MAX_PP = 8

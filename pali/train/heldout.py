@@ -13,8 +13,8 @@ import torch
 def heldout_report(ckpt_dir: str, eval_paths: list[str], num_examples: int = 64, seed: int = 0,
                    samples_per_lang: int = 2) -> dict[str, Any]:
     """Loss over `num_examples` held-out training-style examples and greedy samples of eval examples."""
-    from pali.checkpoint import load_pretrained
     from pali.data.pipeline import DataConfig, build_dataset, build_eval_dataset, collate
+    from pali.serving_checkpoint import load_pretrained
 
     model, tok = load_pretrained(ckpt_dir)
     dcfg = DataConfig.for_model(model.cfg, seed=seed, paths=list(eval_paths))

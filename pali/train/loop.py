@@ -104,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from pali.data.prompts import TASKS
     from pali.parallel import Grid, build_engine, slice_for
     from pali.tokenizer import Tokenizer
-    from pali.train import checkpointing as ck
+    from pali.train import sharded_checkpoint as ck
     from pali.train.metrics import MetricsLogger, peak_flops
     from pali.train.optim import build_optimizer, build_scheduler
 

@@ -23,7 +23,7 @@ from pali.train.config import TrainConfig
 def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> PaLIConfig:
     """The preset with the run's overrides (and the tokenizer's vocabulary size, rounded up to 128)."""
     if cfg.init_from:
-        from pali.checkpoint import load_config
+        from pali.serving_checkpoint import load_config
 
         mcfg = load_config(cfg.init_from)
     else:
@@ -86,7 +86,7 @@ class DatasetFactory:
 
     def __call__(self):
         from pali.data.pipeline import DataConfig, build_dataset
-        from pali.train.checkpointing import latest_complete, read_meta
+        from pali.train.sharded_checkpoint import latest_complete, read_meta
 
         cursor, step = 0, 0
         latest = latest_complete(run_dir(self.cfg))
@@ -330,7 +330,7 @@ def init_state(cfg: TrainConfig, mcfg: PaLIConfig) -> str:
     """
     from safetensors.torch import save_file
 
-    from pali.checkpoint import load_pretrained
+    from pali.serving_checkpoint import load_pretrained
 
     src = Path(cfg.init_from).resolve() / "model.safetensors"
     model, _ = load_pretrained(cfg.init_from)
@@ -348,9 +348,10 @@ def init_state(cfg: TrainConfig, mcfg: PaLIConfig) -> str:
 def consolidate(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Merge a sharded training checkpoint into a serving checkpoint (config.json, model.safetensors,
     tokenizer.model), written atomically."""
-    from pali.checkpoint import create_model, load_state, save_pretrained
+    from pali.factory import create_model
+    from pali.serving_checkpoint import load_state, save_pretrained
     from pali.tokenizer import Tokenizer
-    from pali.train.checkpointing import load_full
+    from pali.train.sharded_checkpoint import load_full
 
     full = load_full(ckpt_dir, with_optimizer=False)
     mcfg = PaLIConfig.from_dict(full["meta"]["model"])

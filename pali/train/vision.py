@@ -96,7 +96,7 @@ def family_accuracy(logits: torch.Tensor, target: torch.Tensor, vocab: Sequence[
 
 def build_tower(mcfg: PaLIConfig, seed: int) -> nn.Module:
     """The vision tower alone, initialised exactly as in `create_model(mcfg, seed=seed)`."""
-    from pali.checkpoint import init_tensor
+    from pali.factory import init_tensor
     from pali.models.vit import ViT
 
     tower = ViT(mcfg.vision)
@@ -196,7 +196,7 @@ class SeededState(Mapping):
     """
 
     def __init__(self, cfg: PaLIConfig, seed: int, overlay: Mapping[str, torch.Tensor]):
-        from pali.checkpoint import create_model
+        from pali.factory import create_model
 
         self.cfg, self.seed, self.overlay = cfg, seed, overlay
         self._shapes = {k: tuple(v.shape) for k, v in create_model(cfg, device="meta").state_dict().items()}
@@ -209,7 +209,7 @@ class SeededState(Mapping):
                                  f"{self._shapes[k]} (was the tower pretrained at another geometry?)")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from pali.checkpoint import init_tensor
+        from pali.factory import init_tensor
 
         if name in self.overlay:
             return self.overlay[name]

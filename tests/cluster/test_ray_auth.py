@@ -106,8 +106,7 @@ def test_project_clusters_refuse_processes_without_the_token(tmp_path):
     shards = tmp_path / "shards"
     write_synthetic_shards(str(shards / "train"), num_examples=64, seed=0, examples_per_shard=32)
     write_synthetic_shards(str(shards / "val"), num_examples=32, seed=1, examples_per_shard=32)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import tiny_checkpoint
+    from pali.bench.serve_load import tiny_checkpoint
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     stranger = tmp_path / "stranger"  # a HOME without ~/.ray/auth_token

@@ -150,9 +150,9 @@ def test_flops_per_example_matches_flop_counter(tiny_config):
 
 def test_flops_per_example_is_model_flops_even_with_a_frozen_tower(tiny_config):
     """MFU counts model FLOPs (docs/design.md): a frozen ViT (PaLI's 224 px phase) still counts 6*N, although no
-    backward runs through it; `pali.plan.cost.stage_flops(...).executed` is what the hardware does."""
-    from pali.plan.cost import stage_flops
-    from pali.plan.memory import Geometry, cut_stages
+    backward runs through it; `pali.sizing.cost.stage_flops(...).executed` is what the hardware does."""
+    from pali.sizing.cost import stage_flops
+    from pali.sizing.memory import Geometry, cut_stages
 
     cfg = tiny_config.with_overrides(freeze_vision=True)
     model = create_model(cfg, seed=0)

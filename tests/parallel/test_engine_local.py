@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pali.checkpoint import create_model
+from pali.factory import create_model
 from pali.parallel import Grid, build_engine
 from tests.parallel.harness import global_batch
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pali.checkpoint import create_model
+from pali.factory import create_model
 from pali.parallel import ShardSpec, layout_specs, merge_shards, slice_for
 from tests.parallel.harness import global_batch, spawn
 from tests.parallel.workers import Layout, run_layouts, tiny_cfg

@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from pali.checkpoint import create_model, init_tensor, param_seed
 from pali.config import get_preset
+from pali.factory import create_model, init_tensor, param_seed
 from pali.parallel import Grid, build_engine, slice_for
-from pali.train import checkpointing as ck
+from pali.train import sharded_checkpoint as ck
 from tests.parallel.harness import global_batch, spawn
 
 SEED = 7

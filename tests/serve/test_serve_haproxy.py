@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_haproxy_ingress_serves_batched_and_unbatched(tmp_path):
     out = tmp_path / "load.json"
     env = dict(os.environ, RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="60")  # token auth stays on (conftest)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--ingress", "haproxy",
+    proc = subprocess.run([sys.executable, "-m", "pali.bench.serve_load", "--ingress", "haproxy",
                            "--duration", "2", "--concurrency", "16", "--torch-threads", "1", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from pali.parallel.plan import ShardSpec, slice_for
-from pali.train import checkpointing as ck
+from pali.parallel.tp_plan import ShardSpec, slice_for
+from pali.train import sharded_checkpoint as ck
 from pali.train.config import TrainConfig
 from pali.train.optim import build_optimizer, lr_factor
 from pali.train.trainer import plan_length, shard_order, shards_from

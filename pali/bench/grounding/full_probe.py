@@ -5,8 +5,8 @@ task mixture over 4096 synthetic examples in the quick start's six languages; ev
 it greedy-decodes 300 held-out examples as VQA and as captioning and prints exact match overall and for
 count, colour and shape questions. One thread, no Ray: the model and data code are the project's own::
 
-    python benchmarks/grounding/full_probe.py --steps 1000
-    python benchmarks/grounding/full_probe.py --image 48 --patch 16 --steps 3000
+    python -m pali.bench.grounding.full_probe --steps 1000
+    python -m pali.bench.grounding.full_probe --image 48 --patch 16 --steps 3000
 """
 
 from __future__ import annotations
@@ -32,20 +32,14 @@ LANGS = ("en", "fr", "ru", "ar", "hi", "zh")
 
 
 def question_type(row: dict) -> str:
-    try:
-        from benchmarks.grounding.breakdown import answer_kind
-    except ImportError:  # run as a script: its directory is on sys.path
-        from breakdown import answer_kind
+    from pali.bench.grounding.breakdown import answer_kind
 
     return answer_kind(row["lang"], row["answer"])
 
 
 def pretrain_vit(vit: torch.nn.Module, image: int, examples: int, steps: int) -> None:
     """Classification pretraining of the tower on other generated images' labels (shapes, colours, count)."""
-    try:
-        from benchmarks.grounding.vit_probe import scenes, train_on_labels
-    except ImportError:  # run as a script: its directory is on sys.path
-        from vit_probe import scenes, train_on_labels
+    from pali.bench.grounding.vit_probe import scenes, train_on_labels
 
     train_on_labels(vit, scenes(examples, 0, image), steps)
     print(f"ViT pretrained for {steps} steps", flush=True)
@@ -111,10 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [train[i] for i in rng.choice(len(train), 32, replace=False)]
         return batch(rows, [choose_task(r, weights, row_rng(step, r["id"])) for r in rows], step)[0]
 
-    try:
-        from benchmarks.grounding.recipe import train as train_steps
-    except ImportError:  # run as a script: its directory is on sys.path
-        from recipe import train as train_steps
+    from pali.bench.grounding.recipe import train as train_steps
 
     train_steps(model, tc, next_batch, evaluate, a.eval_every)
 

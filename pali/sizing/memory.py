@@ -1,7 +1,7 @@
 """Per-rank memory of PaLI training: parameter counts per stage shard, state bytes, saved activations.
 
 Everything is derived from the config (no model is built), so a 17B plan takes milliseconds. The
-parameter counts equal those of `pali.parallel.build_stage_model` exactly (tests/plan checks it).
+parameter counts equal those of `pali.parallel.build_stage_model` exactly (tests/sizing checks it).
 
 Activation formula (bytes autograd keeps for backward, per example; `e` is the activation dtype's size,
 4 for fp32 and 2 for bf16 autocast; the residual stream and norm statistics stay fp32 under autocast

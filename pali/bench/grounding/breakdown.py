@@ -5,7 +5,7 @@ shards' `image_labels` (how many kinds of objects each scene has), and prints, f
 how often each kind of question (count, colour with one or two kinds of objects, shape) was answered
 right, and for captioning and OCR the exact-match rate (the README's "What to expect" tables)::
 
-    python benchmarks/grounding/breakdown.py runs/pali-tiny/eval/predictions.jsonl --data data/val
+    python -m pali.bench.grounding.breakdown runs/pali-tiny/eval/predictions.jsonl --data data/val
 """
 
 from __future__ import annotations

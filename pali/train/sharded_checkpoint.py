@@ -104,7 +104,7 @@ def load_full(ckpt_dir: str | os.PathLike, with_optimizer: bool = True) -> dict[
     moments) are kept only when the reader's layout is the writer's (see `optim_same_layout`).
     """
     from pali.parallel import merge_shards
-    from pali.parallel.plan import ShardSpec
+    from pali.parallel.tp_plan import ShardSpec
 
     d = Path(ckpt_dir)
     if not is_complete(d):
@@ -209,7 +209,7 @@ class LazyShardedState(Mapping):
     """
 
     def __init__(self, ckpt_dir: str | os.PathLike):
-        from pali.parallel.plan import ShardSpec
+        from pali.parallel.tp_plan import ShardSpec
 
         d = Path(ckpt_dir)
         if not is_complete(d):

@@ -10,14 +10,23 @@ import torch
 
 from jobs.plan import main
 from jobs.pretrain import parse_args as parse_pretrain_args
-from pali.checkpoint import create_model
 from pali.config import get_preset
+from pali.factory import create_model
 from pali.models.pali import flops_per_example
 from pali.parallel.engine import _checkpoint_blocks
 from pali.parallel.stages import build_stage_model
-from pali.plan import ActivationModel, Geometry, PlanRequest, cut_stages, get_gpu, plan, stage_activations, stage_params
-from pali.plan.cost import stage_flops
-from pali.plan.measure import SavedActivationMeter
+from pali.sizing import (
+    ActivationModel,
+    Geometry,
+    PlanRequest,
+    cut_stages,
+    get_gpu,
+    plan,
+    stage_activations,
+    stage_params,
+)
+from pali.sizing.cost import stage_flops
+from pali.sizing.measure import SavedActivationMeter
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])

@@ -2,7 +2,7 @@
 
 Each rank of each layout trains two steps with `pali.parallel.build_engine` and AdamW; the worker counts
 the bytes of its parameters, gradients and optimizer state, and the peak of the tensors autograd saves
-for backward (`pali.plan.measure`). The planner (`rank_memory`, fp32, CPU attention kernels) must
+for backward (`pali.sizing.measure`). The planner (`rank_memory`, fp32, CPU attention kernels) must
 predict every rank's state + activations within 15 %, and each part separately (plus the unsharded
 gradients FSDP2 accumulates between micro-batches). Layouts cover TP 1/2,
 PP 1/2 (1F1B), DDP and FSDP2 (sharded optimizer), with and without activation checkpointing, on 2 ranks,
@@ -17,10 +17,10 @@ import time
 import pytest
 
 from pali.config import get_preset
-from pali.plan.memory import Geometry
-from pali.plan.planner import rank_memory
+from pali.sizing.memory import Geometry
+from pali.sizing.planner import rank_memory
 from tests.parallel.harness import spawn
-from tests.plan.workers import measure_layouts
+from tests.sizing.workers import measure_layouts
 
 B, PROMPT, TARGET = 4, 12, 10  # global batch; prompt and target tokens per example
 

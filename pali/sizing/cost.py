@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pali.config import PaLIConfig
-from pali.plan.memory import F32, Geometry, Stage
+from pali.sizing.memory import F32, Geometry, Stage
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Planner vs a real run on one device: predicted and measured step time and peak memory, and the gap.
 
-    python benchmarks/plan_vs_measured.py --preset base --gpu h200 --batch 32 --steps 5 --out plan_gap.json
-    python benchmarks/plan_vs_measured.py --preset tiny --device cpu --batch 4 --steps 2   # smoke run
+    python -m pali.bench.plan_vs_measured --preset base --gpu h200 --batch 32 --steps 5 --out plan_gap.json
+    python -m pali.bench.plan_vs_measured --preset tiny --device cpu --batch 4 --steps 2   # smoke run
 
 On CUDA it trains with bf16 autocast (as `jobs.pretrain --use-gpu`), takes the median step time and
-`torch.cuda.max_memory_allocated`, and compares them with `pali.plan` for a one-GPU layout (precision
+`torch.cuda.max_memory_allocated`, and compares them with `pali.sizing` for a one-GPU layout (precision
 amp, fused attention, no runtime overhead since the allocator does not see the CUDA context). On CPU
 it compares only the exactly countable part (state + saved activations, fp32). The JSON records
 hardware, commit and date.
@@ -18,19 +18,16 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from pali.config import get_preset  # noqa: E402
-from pali.plan import Geometry, PlanRequest, get_gpu, rank_memory  # noqa: E402
-from pali.plan.measure import SavedActivationMeter, state_bytes  # noqa: E402
-from pali.plan.planner import evaluate  # noqa: E402
+from pali.config import get_preset
+from pali.sizing import Geometry, PlanRequest, get_gpu, rank_memory
+from pali.sizing.measure import SavedActivationMeter, state_bytes
+from pali.sizing.planner import evaluate
 
 
 def _commit() -> str:

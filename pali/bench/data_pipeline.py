@@ -1,7 +1,7 @@
 """Data pipeline throughput against a tiny-preset training worker's consumption rate.
 
-    python benchmarks/data_pipeline.py                       # 2000 synthetic examples, 3 repeats
-    python benchmarks/data_pipeline.py --data data/train --repeats 5 --batch-size 32
+    python -m pali.bench.data_pipeline                       # 2000 synthetic examples, 3 repeats
+    python -m pali.bench.data_pipeline --data data/train --repeats 5 --batch-size 32
 
 Prints a markdown table (median over repeats) of pipeline images/s and examples/s, measured at the
 consumer (end to end, Ray start-up excluded) and at the producer (`DataStats`), next to the examples/s a
@@ -20,17 +20,15 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pali.config import get_preset  # noqa: E402
-from pali.data.pipeline import (  # noqa: E402
+from pali.config import get_preset
+from pali.data.pipeline import (
     DataConfig,
     build_dataset,
     iter_batches,
     list_shards,
     train_tokenizer_from_shards,
 )
-from pali.data.synthetic import write_synthetic_shards  # noqa: E402
+from pali.data.synthetic import write_synthetic_shards
 
 
 def _commit() -> str:

@@ -564,9 +564,3 @@ def run_driver(address: str, code: str, timeout_s: float = 120.0,
         raise RuntimeError(f"driver exited with code {res.returncode}:\n"
                            f"{tail(res.stdout)}\n{tail(res.stderr)}")
     return res
-
-
-if __name__ == "__main__":
-    from cluster.cli import main
-
-    sys.exit(main())

@@ -1,28 +1,17 @@
-"""Serving checkpoints: a directory with `config.json`, `model.safetensors` and `tokenizer.model`.
+"""Building PaLI models: `create_model(preset)` and the per-parameter initialisation it uses.
 
-Written into a temporary sibling directory and renamed into place, so a reader never sees half a
-checkpoint. Loaded without pickle (safetensors + JSON + sentencepiece bytes).
+Every parameter is drawn from its own generator seeded from (seed, name), so the initial weights do
+not depend on the device, the dtype or how the model is sharded (`init_tensor` regenerates one alone).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import zlib
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from pali.config import PaLIConfig, get_preset
 from pali.models.pali import PaLI
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
-FORMAT_VERSION = 1
 
 
 def create_model(preset_or_config: str | PaLIConfig, device: str | torch.device | None = None,
@@ -83,7 +72,7 @@ def _fill_(p: torch.Tensor, cfg: PaLIConfig, name: str, seed: int) -> torch.Tens
     if p.dim() >= 2:
         return torch.nn.init.trunc_normal_(p, std=0.02, generator=g)
     raise ValueError(f"no initialisation rule for parameter {name!r} of shape {tuple(p.shape)}; "
-                     "add one to pali.checkpoint._fill_")
+                     "add one to pali.factory._fill_")
 
 
 def init_tensor(cfg: PaLIConfig, name: str, shape: tuple[int, ...] | torch.Size, seed: int,
@@ -112,80 +101,3 @@ def init_weights(model: PaLI, seed: int | None = None) -> None:
             _fill_(p, model.cfg, name, seed)
         else:
             p.copy_(init_tensor(model.cfg, name, p.shape, seed))
-
-
-def save_pretrained(model: PaLI, tokenizer, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write a serving checkpoint atomically (temp dir + rename). Returns the final path."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        meta = {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), **(extra or {})}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "preset": model.cfg.name})
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_FILE)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def load_config(ckpt_dir: str | os.PathLike) -> PaLIConfig:
-    """The model config recorded in a serving checkpoint."""
-    path = Path(ckpt_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; a serving checkpoint holds {CONFIG_FILE}, {WEIGHTS_FILE} "
-                                f"and {TOKENIZER_FILE}")
-    meta = json.loads(path.read_text())
-    return PaLIConfig.from_dict(meta["model"] if "model" in meta else meta)
-
-
-def load_state(model: PaLI, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy `state` into `model`, naming any missing, unexpected or mis-shaped tensor."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not match the model config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}")
-    model.load_state_dict(state, strict=True, assign=any(p.is_meta for p in model.parameters()))
-
-
-def load_pretrained(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None):
-    """(PaLI, Tokenizer) from a serving checkpoint directory; a missing file is an error naming it."""
-    from pali.tokenizer import Tokenizer
-
-    ckpt = Path(ckpt_dir)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
-    cfg = load_config(ckpt)
-    weights = ckpt / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing; expected the consolidated weights in {WEIGHTS_FILE}")
-    model = create_model(cfg, device="meta")
-    load_state(model, load_file(str(weights), device=str(device)), source=str(weights))
-    if cfg.freeze_vision:
-        model.freeze_vision()
-    if dtype is not None:
-        model.to(dtype)
-    model.eval()
-    tok_path = ckpt / TOKENIZER_FILE
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{tok_path} is missing; a serving checkpoint holds its sentencepiece model")
-    return model, Tokenizer.load(tok_path)

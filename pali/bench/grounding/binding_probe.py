@@ -9,9 +9,9 @@ match: captions overall, either group order, two-kind scenes; VQA overall and by
 the order was fixed) to measure what the fixed order is worth::
 
     python -m jobs.pretrain                                      # data/, runs/pali-tiny/{vision,tokenizer.model}
-    python benchmarks/grounding/binding_probe.py                 # fixed order (the corpus as written)
-    python benchmarks/grounding/binding_probe.py --random-order
-    python benchmarks/grounding/binding_probe.py --lr 2e-3 --vision-lr-mult 1.0
+    python -m pali.bench.grounding.binding_probe                 # fixed order (the corpus as written)
+    python -m pali.bench.grounding.binding_probe --random-order
+    python -m pali.bench.grounding.binding_probe --lr 2e-3 --vision-lr-mult 1.0
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 import pali
+from pali.bench.grounding.breakdown import answer_kind
+from pali.bench.grounding.recipe import train as train_steps
 from pali.config import get_preset
 from pali.data import synthetic
 from pali.data.lexicon import GRAMMARS
@@ -36,13 +38,6 @@ from pali.tokenizer import Tokenizer
 from pali.train.config import TrainConfig
 from pali.train.trainer import QUICKSTART_LANGS
 from pali.train.vision import build_tower
-
-try:
-    from benchmarks.grounding.breakdown import answer_kind
-    from benchmarks.grounding.recipe import train as train_steps
-except ImportError:  # run as a script: its directory is on sys.path
-    from breakdown import answer_kind
-    from recipe import train as train_steps
 
 
 def read_rows(paths: list[str], limit: int) -> list[dict]:

@@ -9,7 +9,7 @@ import time
 import torch
 
 from pali.config import PaLIConfig
-from pali.plan.measure import SavedActivationMeter, fsdp_unsharded_grad_bytes, state_bytes
+from pali.sizing.measure import SavedActivationMeter, fsdp_unsharded_grad_bytes, state_bytes
 from tests.parallel.harness import dp_share, global_batch
 
 

@@ -2,7 +2,7 @@
 autocast, Ray Data feeding it), then the resulting checkpoint served by `python -m serve` on the GPU and
 queried over HTTP (single requests, a concurrent burst that must batch, a bad request that must be a 4xx).
 
-    python benchmarks/gpu_ray_check.py --out DIR [--steps 500] [--workers 1]
+    python -m pali.bench.gpu_ray_check --out DIR [--steps 500] [--workers 1]
 
 Prints a summary and writes DIR/gpu_ray.json. Needs a CUDA GPU, Ray and this package; `--cpu` runs the
 same flow without `--use-gpu` (a smoke run on a machine without one).
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `pali` when run from a checkout without `pip install -e .`
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: the job runs from there (its data/ and runs/)
 
 LANGS = ("en", "fr", "ru", "ar", "hi", "zh")
 
@@ -138,7 +137,7 @@ def serve_and_query(ckpt: str, out: Path, port: int, burst: int, timeout: float)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python benchmarks/gpu_ray_check.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pali.bench.gpu_ray_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--workers", type=int, default=1, help="training workers (one GPU each)")

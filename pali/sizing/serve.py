@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from pali.config import PaLIConfig
-from pali.plan.hardware import GPU
-from pali.plan.memory import total_params
+from pali.sizing.hardware import GPU
+from pali.sizing.memory import total_params
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 

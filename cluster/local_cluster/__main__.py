@@ -1,4 +1,4 @@
-"""CLI of the local multi-node cluster.
+"""CLI of the local multi-node cluster (`python -m cluster.local_cluster`).
 
     python -m cluster.local_cluster [--dir DIR] up|status|add-node|remove-node|down
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from cluster.local_cluster import DEFAULT_DIR, LocalCluster
 
@@ -79,3 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         node = cluster.remove_node(args.name, graceful=not args.kill, wait_s=0 if args.kill else 30)
         print(f"removed {node.name}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

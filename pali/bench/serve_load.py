@@ -1,6 +1,6 @@
 """Load test of the Serve application: requests/s and p50/p99 latency with batching on and off.
 
-    python benchmarks/serve_load.py [--checkpoint CKPT] [--concurrency 32] [--duration 20] [--rounds 2]
+    python -m pali.bench.serve_load [--checkpoint CKPT] [--concurrency 32] [--duration 20] [--rounds 2]
                                     [--ingress proxy|haproxy] [--out result.json]
 
 Without `--checkpoint` a tiny random model is made in a temp dir. Serves on 127.0.0.1 only, one replica;
@@ -37,8 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve.config import INGRESS_ENV, ingress_env  # noqa: E402  (pydantic only: Ray is imported in main)
+from serve.config import INGRESS_ENV, ingress_env  # pydantic only: Ray is imported in main
 
 MODES = {"batching_on": None, "batching_off": 1}
 """Mode name -> max_batch_size (None: the `--max-batch-size` flag)."""

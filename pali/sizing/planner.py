@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from pali.config import PaLIConfig
-from pali.plan.cost import boundary_bytes, ring_allreduce, ring_gather, stage_flops, tp_bytes
-from pali.plan.hardware import GPU
-from pali.plan.memory import F32, ActivationModel, Geometry, Stage, cut_stages, stage_activations, stage_params
+from pali.sizing.cost import boundary_bytes, ring_allreduce, ring_gather, stage_flops, tp_bytes
+from pali.sizing.hardware import GPU
+from pali.sizing.memory import F32, ActivationModel, Geometry, Stage, cut_stages, stage_activations, stage_params
 
 DPMode = Literal["ddp", "zero1", "fsdp"]
 Precision = Literal["amp", "bf16", "fp32"]
@@ -154,7 +154,7 @@ def rank_memory(cfg: PaLIConfig, tp: int, pp: int, dp: int, stage_index: int, ge
 def _fsdp_unsharded(cfg: PaLIConfig, st: Stage, tp: int) -> float:
     """Parameters FSDP2 holds unsharded at once: the root unit (everything outside `.blocks` and the T5
     blocks owning the relative bias) for the whole step, plus two blocks (current and prefetched)."""
-    from pali.plan.memory import t5_block_params, vit_block_params
+    from pali.sizing.memory import t5_block_params, vit_block_params
 
     everything = stage_params(cfg, st, tp).total
     enc, dec = t5_block_params(cfg, tp, False, False), t5_block_params(cfg, tp, True, False)

@@ -4,8 +4,8 @@ Trains `pali.models.vit.ViT` with a linear head on mean-pooled tokens against di
 which colours, how many objects) of the synthetic corpus, one thread, and prints held-out exact-set
 accuracy every 500 steps. Geometry is the variable that matters::
 
-    python benchmarks/grounding/vit_probe.py                          # 64 px / 8 px (tiny preset)
-    python benchmarks/grounding/vit_probe.py --image 48 --patch 16    # one object per patch
+    python -m pali.bench.grounding.vit_probe                          # 64 px / 8 px (tiny preset)
+    python -m pali.bench.grounding.vit_probe --image 48 --patch 16    # one object per patch
 """
 
 from __future__ import annotations

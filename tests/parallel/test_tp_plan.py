@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pali.checkpoint import create_model
+from pali.factory import create_model
 from pali.parallel import TP_PLAN, ShardSpec, apply_tp_plan, layout_specs, merge_shards, plan_style, slice_for
 
 
