@@ -9,78 +9,41 @@ generations in several languages and the per-language evaluation table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from pali.cli import add_config_flags, config_from_args
 from pali.config import parse_overrides
 from pali.train.config import TrainConfig
 
+FLAG_GROUPS = {
+    "model": ("preset", "init_from", "vision_pretrain_steps"),
+    "data": ("data", "eval_data", "tokenizer", "task_weights"),
+    "optimisation": ("steps", "global_batch", "micro_batch", "lr", "schedule", "warmup_steps", "min_lr_ratio",
+                     "vision_lr_mult", "optimizer", "weight_decay", "grad_clip", "seed"),
+    "layout": ("tp", "pp", "workers", "min_workers", "max_workers", "cpus_per_worker", "worker_resources", "use_gpu",
+               "dp_mode", "pp_schedule", "activation_checkpointing", "compile", "trim_padding"),
+}
+"""`--help` groups of `TrainConfig`'s flags; fields not listed (a new one) land in "run"."""
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Flags over a preset; returns the run config and the raw namespace."""
-    d = TrainConfig()
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags: one per `TrainConfig` field (`pali.cli`), plus the model shortcuts and the launcher's own."""
     p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default=d.preset, help="model preset (tiny, small, base, pali-3b, pali-15b, pali-17b)")
-    g.add_argument("--init-from", default=None, help="serving checkpoint to start from (e.g. jobs.import_hf output)")
+    add_config_flags(p, TrainConfig, groups=FLAG_GROUPS, skip={"model_overrides"}, default_group="run",
+                     hidden={"step_delay_s", "fail_at_step"}, flag_names={"step_delay_s": "--step-delay"})
+    g = p.add_argument_group("model overrides")
     g.add_argument("--image-size", type=int, default=None, help="train at this resolution (interpolates position "
                    "embeddings of --init-from: PaLI's high-res phase)")
     g.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the vision tower frozen (PaLI's 224 px phase)")
-    g.add_argument("--vision-pretrain-steps", type=int, default=d.vision_pretrain_steps,
-                   help="classification-pretrain the tower on the shards' image_labels this many steps before "
-                   "the main phase, then freeze it (from-scratch runs only; 0: off)")
     g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="any model config field, e.g. text__dropout_rate=0.1 (JSON values)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", default=d.data, help="training shards (files, dirs, s3:// URIs)")
-    g.add_argument("--eval-data", nargs="+", default=d.eval_data, help="held-out shards")
-    g.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: trained from the shards)")
-    g.add_argument("--task-weights", default=None, help='JSON mixture, e.g. \'{"caption": 2, "vqa": 1}\'')
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--global-batch", type=int, default=d.global_batch)
-    g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="examples per forward/backward")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--schedule", choices=["rsqrt", "cosine", "constant"], default=d.schedule)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--vision-lr-mult", type=float, default=d.vision_lr_mult,
-                   help="lr multiplier of the vision tower and projector")
-    g.add_argument("--optimizer", choices=["adamw", "adafactor"], default=d.optimizer)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g = p.add_argument_group("layout")
-    g.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel degree")
-    g.add_argument("--pp", type=int, default=d.pp, help="pipeline-parallel degree")
-    g.add_argument("--workers", type=int, default=d.workers, help="world size (dp = workers / (tp*pp))")
-    g.add_argument("--min-workers", type=int, default=None, help="elastic: fewest workers")
-    g.add_argument("--max-workers", type=int, default=None, help="elastic: most workers")
-    g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker)
-    g.add_argument("--worker-resources", default=None, metavar="JSON",
-                   help='extra Ray resources per worker, e.g. \'{"trainer_slot": 1}\'')
-    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast")
-    g.add_argument("--dp-mode", choices=["ddp", "fsdp"], default=d.dp_mode)
-    g.add_argument("--pp-schedule", choices=["1f1b", "gpipe"], default=d.pp_schedule)
-    g.add_argument("--activation-checkpointing", action="store_true")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile each worker's stage (faster steps after a one-off compile)")
-    g.add_argument("--no-trim-padding", dest="trim_padding", action="store_false",
-                   help="keep every batch at the padded lengths and the output head at every target position "
-                        "(default: cut all-padding tail columns, head at real targets; pp = 1 without --compile)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=d.output_dir)
-    g.add_argument("--name", default=d.name, help="run name; rerunning with the same name resumes")
-    g.add_argument("--storage-path", default=None, help="shared checkpoint storage (dir, NFS, s3://)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--max-failures", type=int, default=d.max_failures)
+    g = p.add_argument_group("launcher")
     g.add_argument("--no-eval", action="store_true", help="skip the end-of-run held-out report and evaluation")
-    g.add_argument("--eval-examples", type=int, default=d.eval_examples)
     g.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                    help="existing cluster (default: RAY_ADDRESS, else a local Ray)")
     g.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray (oversubscribed on purpose)")
@@ -88,31 +51,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                    help="start the local Ray without token authentication (warned: its ports listen on every "
                         "interface); a cluster joined with --ray-address keeps its own settings")
     g.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per training worker")
-    g.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    return p
 
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Flags over a preset; returns the validated run config and the raw namespace."""
+    a = build_parser().parse_args(argv)
     overrides = parse_overrides(a.override)
     if a.image_size is not None:
         overrides["vision__image_size"] = a.image_size
     if a.freeze_vision is not None:
         overrides["freeze_vision"] = a.freeze_vision
-    cfg = TrainConfig(
-        preset=a.preset, model_overrides=overrides, init_from=a.init_from,
-        vision_pretrain_steps=a.vision_pretrain_steps, data=a.data, eval_data=a.eval_data,
-        tokenizer=a.tokenizer, task_weights=json.loads(a.task_weights) if a.task_weights else d.task_weights,
-        steps=a.steps, global_batch=a.global_batch, micro_batch=a.micro_batch, lr=a.lr, schedule=a.schedule,
-        warmup_steps=a.warmup_steps, vision_lr_mult=a.vision_lr_mult, optimizer=a.optimizer,
-        weight_decay=a.weight_decay, grad_clip=a.grad_clip,
-        seed=a.seed, tp=a.tp, pp=a.pp, workers=a.workers, min_workers=a.min_workers, max_workers=a.max_workers,
-        cpus_per_worker=a.cpus_per_worker,
-        worker_resources=json.loads(a.worker_resources) if a.worker_resources else {},
-        use_gpu=a.use_gpu, dp_mode=a.dp_mode, pp_schedule=a.pp_schedule,
-        activation_checkpointing=a.activation_checkpointing, compile=a.compile, trim_padding=a.trim_padding,
-        checkpoint_every=a.checkpoint_every,
-        log_every=a.log_every, output_dir=a.output_dir, name=a.name, storage_path=a.storage_path,
-        max_failures=a.max_failures, eval_examples=a.eval_examples, fail_at_step=a.fail_at_step,
-        step_delay_s=a.step_delay)
+    cfg = config_from_args(TrainConfig, a, model_overrides=overrides)
     cfg.validate()
     return cfg, a
 

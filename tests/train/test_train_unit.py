@@ -173,3 +173,29 @@ def test_compile_flag_reaches_the_config_and_round_trips():
     assert parse_args([])[0].compile is False
     cfg = parse_args(["--compile"])[0]
     assert cfg.compile is True and TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).compile is True
+
+
+def test_pretrain_flags_are_derived_from_train_config_fields():
+    """A new TrainConfig field is a new flag, documented by its docstring; no flag copies a default by hand."""
+    import dataclasses
+
+    from jobs.pretrain import build_parser, parse_args
+    from pali.cli import field_docs
+    from pali.train.config import TrainConfig
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    docs = field_docs(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_overrides":
+            continue
+        assert f.name in actions, f"TrainConfig.{f.name} has no flag"
+        if f.name not in ("step_delay_s", "fail_at_step"):
+            assert actions[f.name].help == docs[f.name] and docs[f.name], f.name
+    assert parse_args([])[0] == TrainConfig()
+    cfg, _ = parse_args(["--min-lr-ratio", "0.2", "--no-trim-padding", "--task-weights", '{"ocr": 1}',
+                         "--data", "a", "b", "--schedule", "cosine", "--keep-checkpoints", "5", "--image-size", "64"])
+    assert (cfg.min_lr_ratio, cfg.trim_padding, cfg.task_weights, cfg.data, cfg.schedule, cfg.keep_checkpoints) == \
+        (0.2, False, {"ocr": 1}, ["a", "b"], "cosine", 5)
+    assert cfg.model_overrides == {"vision__image_size": 64}
+    with pytest.raises(SystemExit):
+        parse_args(["--task-weights", "[1, 2]"])  # a JSON object is expected
