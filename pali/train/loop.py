@@ -1,7 +1,8 @@
 """The per-worker training loop that Ray Train runs on every rank of the DP x PP x TP grid.
 
-Only the first rank of each model replica (tp_rank == pp_rank == 0) reads from Ray Data; it broadcasts
-each batch to the other ranks of its replica, so TP/PP ranks see the same examples.
+Only the first rank of each model replica (tp_rank == pp_rank == 0) reads data: its own Ray Data stream
+over the shards dealt to its replica (`pali.train.data_order`); it broadcasts each batch to the other ranks
+of its replica, so TP/PP ranks see the same examples.
 """
 
 from __future__ import annotations
@@ -51,43 +52,69 @@ def to_tensors(batch: dict[str, np.ndarray], tasks: tuple[str, ...]) -> dict[str
     return out
 
 
+def shard_reader(dcfg, tokenizer, per_rank: int, tasks: tuple[str, ...]):
+    """`read(paths)` for `ReplicaStream`: the Ray Data pipeline over `paths`, in order, as tensor batches."""
+    import ray.data
+
+    from pali.data.pipeline import build_dataset
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the examples' order is part of the resume contract
+    ctx.enable_progress_bars = False  # the trainer's own bar is the progress display
+
+    def read(paths: list[str]):
+        ds = build_dataset(dcfg, tokenizer, paths)
+        for b in ds.iter_batches(batch_size=per_rank, batch_format="numpy", prefetch_batches=2):
+            t = to_tensors(b, tasks)
+            yield {k: t[k] for k in (*BATCH_KEYS, "shard_index")}
+
+    return read
+
+
 class ReplicaFeeder:
-    """Yields this replica's batches: the reading rank pulls from Ray Data, the others receive them."""
+    """Yields this replica's batches: the reading rank takes them from its stream, the others receive them."""
 
-    def __init__(self, iterator, mcfg: PaLIConfig, per_rank: int, group, src: int, reader: bool,
-                 tasks: tuple[str, ...], skip_before_shard: int = 0):
-        self.it, self.mcfg, self.n, self.group, self.src = iterator, mcfg, per_rank, group, src
-        self.reader, self.tasks = reader, tasks
-        self.skip = skip_before_shard
-        self._rows = None
-        self.current_shard = 0
-
-    def _row_source(self):
-        while True:  # each pass over the split is one more pass over the (already multi-epoch) shard list
-            got = False
-            for b in self.it.iter_batches(batch_size=self.n, batch_format="numpy", drop_last=True,
-                                          prefetch_batches=2):
-                got = True
-                t = to_tensors(b, self.tasks)
-                if int(t["shard_index"].max()) < self.skip:
-                    continue
-                yield t
-            if not got:
-                raise RuntimeError("the training data produced no full batch; add shards or lower the batch")
+    def __init__(self, stream, mcfg: PaLIConfig, per_rank: int, group, src: int):
+        self.stream, self.mcfg, self.n, self.group, self.src = stream, mcfg, per_rank, group, src
 
     def next(self) -> dict[str, torch.Tensor]:
         """The next batch of `per_rank` examples (identical on every rank of the replica)."""
-        if self.reader:
-            if self._rows is None:
-                self._rows = self._row_source()
-            b = next(self._rows)
-            self.current_shard = int(b["shard_index"].min())
+        if self.stream is not None:
+            b = self.stream.next()
         else:
             b = {k: torch.empty(shape, dtype=dt) for k, (shape, dt) in batch_shapes(self.mcfg, self.n).items()}
         if self.group is not None:
             for k in BATCH_KEYS:
                 dist.broadcast(b[k], src=self.src, group=self.group)
         return b
+
+
+def resume_checkpoint(ckpt, run_dir: str | None, events: Path | None = None):
+    """Ray's latest checkpoint if it is complete; else the newest complete one under `run_dir` (or None).
+
+    A checkpoint with a missing or truncated file is never resumed from; the worker's log (and `events`,
+    the run's `events.log`) says which and why. Returns a context manager yielding the directory, or None.
+    """
+    from pali.train import sharded_checkpoint as ck
+
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        problem = ck.incomplete_reason(d)
+        if problem is None:
+            return ckpt.as_directory()
+        fallback = ck.latest_complete(run_dir) if run_dir and "://" not in run_dir else None
+        line = (f"[pali] not resuming from checkpoint {d}: {problem}; "
+                + (f"using {fallback} instead" if fallback else "no complete checkpoint to use instead"))
+        print(line, flush=True)
+        if events is not None:
+            events.parent.mkdir(parents=True, exist_ok=True)
+            with open(events, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+    if fallback is None:
+        raise RuntimeError(f"the latest checkpoint is incomplete ({problem}) and no complete one exists under "
+                           f"{run_dir}; delete the run directory to start over")
+    return contextlib.nullcontext(str(fallback))
 
 
 def _replica_groups(world: int, mp: int):
@@ -105,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from pali.parallel import Grid, build_engine, slice_for
     from pali.tokenizer import Tokenizer
     from pali.train import sharded_checkpoint as ck
+    from pali.train.data_order import DataState, ReplicaStream, gather_reports, plan_chunk
     from pali.train.metrics import MetricsLogger, peak_flops
     from pali.train.optim import build_optimizer, build_scheduler
 
@@ -124,12 +152,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # --- state: latest checkpoint of this run, else an init checkpoint, else a seeded init ---
     # Tensors are read lazily, one at a time, and sliced for this rank: no process holds the whole model.
     stack = contextlib.ExitStack()  # keeps the checkpoint directory while tensors are read
-    ckpt = ray.train.get_checkpoint()
-    loaded, start_step, data_pos = None, 0, 0
-    if ckpt is not None:
-        loaded = ck.LazyShardedState(stack.enter_context(ckpt.as_directory()))
+    chosen = resume_checkpoint(ray.train.get_checkpoint(), config.get("run_dir"),
+                               Path(cfg.output_dir) / "events.log" if rank == 0 else None)
+    loaded, start_step, data_state = None, 0, DataState()
+    if chosen is not None:
+        loaded = ck.LazyShardedState(stack.enter_context(chosen))
         start_step = int(loaded.meta["step"])
-        data_pos = int(loaded.meta.get("data_position", 0))
+        data_state = DataState.from_dict(loaded.meta["data_state"]) if "data_state" in loaded.meta else \
+            DataState(int(loaded.meta.get("data_position", 0)))  # a checkpoint of an older release
         full_state = loaded
     elif config.get("init_state_path"):
         full_state = ck.LazyTensorFile(config["init_state_path"])
@@ -173,12 +203,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # --- data ---
     reader = grid.tp_rank == 0 and grid.pp_rank == 0
     groups = _replica_groups(world, mp)
-    it = ray.train.get_dataset_shard("train")
-    if reader and it is None:
-        raise RuntimeError(f"rank {rank} reads data but received no dataset shard")
-    shard_offset = int(config.get("shard_offset", 0))
-    feeder = ReplicaFeeder(it, mcfg, per_rank, None if groups is None else groups[grid.dp_rank],
-                           grid.dp_rank * mp, reader, TASKS, skip_before_shard=data_pos - shard_offset)
+    stream = None
+    if reader:
+        tok = Tokenizer.from_proto(config["tokenizer_bytes"])
+        shards = config["shards"]
+        chunk = plan_chunk(max(cfg.steps - start_step, 1) * per_rank, config.get("rows"), len(shards))
+        stream = ReplicaStream(data_state, grid.dp, grid.dp_rank, shards, cfg.seed, per_rank,
+                               shard_reader(config["data_config"], tok, per_rank, TASKS), chunk=chunk)
+    feeder = ReplicaFeeder(stream, mcfg, per_rank, None if groups is None else groups[grid.dp_rank], grid.dp_rank * mp)
 
     # --- loop ---
     out_dir = Path(cfg.output_dir)
@@ -232,10 +264,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rec["global_batch"] = per_rank * grid.dp
             log.log(step + 1, rec)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            position = _data_position(feeder, reader, shard_offset)
+            state = data_state.advance(gather_reports(stream, world, rank))
+            position = state.cursor
             meta = None
             if rank == 0:
                 meta = {"step": step + 1, "world_size": world, "data_position": position,
+                        "data_state": state.to_dict(),
                         "layout": {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp},
                         "model": mcfg.to_dict(), "train": cfg.to_dict(), "time": time.time()}
             with tempfile.TemporaryDirectory(prefix="pali-ckpt-") as tmp:
@@ -249,13 +283,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         bar.close()
     log.close()
     grid.destroy()
-
-
-def _data_position(feeder: ReplicaFeeder, reader: bool, shard_offset: int) -> int:
-    """Global shard cursor that every replica has reached: the smallest shard any reader is inside."""
-    pos = torch.tensor([feeder.current_shard + shard_offset if reader else 2**62], dtype=torch.long)
-    dist.all_reduce(pos, op=dist.ReduceOp.MIN)
-    return int(pos.item())
 
 
 class _Accumulator:

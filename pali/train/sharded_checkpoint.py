@@ -68,17 +68,52 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     return json.loads((Path(ckpt_dir) / META).read_text())
 
 
-def is_complete(ckpt_dir: str | os.PathLike) -> bool:
-    """True when meta.json and every rank's files of the writing world are present."""
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (missing, or shorter/longer than its header says), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"{path.name} is truncated ({size} bytes, header of {n})"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (OSError, ValueError) as e:
+        return f"{path.name} is unreadable ({type(e).__name__}: {e})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{path.name} is truncated ({size} bytes; its header describes {8 + n + end})"
+    return None
+
+
+def incomplete_reason(ckpt_dir: str | os.PathLike) -> str | None:
+    """Why a checkpoint cannot be resumed from (a missing meta.json, a missing rank file, a truncated
+    tensor file, unparsable JSON), or None when it is complete."""
     d = Path(ckpt_dir)
     if not (d / META).is_file():
-        return False
+        return f"{META} is missing"
     try:
         world = int(read_meta(d)["world_size"])
-    except (ValueError, KeyError, json.JSONDecodeError):
-        return False
-    return all((d / f"rank-{r:05d}.safetensors").is_file() and (d / f"rank-{r:05d}.json").is_file()
-               for r in range(world))
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        return f"{META} is unreadable ({type(e).__name__})"
+    for r in range(world):
+        side = d / f"rank-{r:05d}.json"
+        try:
+            json.loads(side.read_text())
+        except FileNotFoundError:
+            return f"{side.name} is missing"
+        except (OSError, ValueError):
+            return f"{side.name} is truncated or unreadable"
+        problem = _safetensors_problem(d / f"rank-{r:05d}.safetensors")
+        if problem:
+            return problem
+    return None
+
+
+def is_complete(ckpt_dir: str | os.PathLike) -> bool:
+    """True when meta.json and every rank's files of the writing world are present and whole."""
+    return incomplete_reason(ckpt_dir) is None
 
 
 def latest_complete(run_dir: str | os.PathLike) -> Path | None:

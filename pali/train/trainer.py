@@ -1,9 +1,8 @@
 """Driver side of pretraining: data preparation, the Ray Train `TorchTrainer`, consolidation.
 
-Data position: shards are visited in a seeded order per epoch; a global shard cursor g (epoch * n + i)
-is recorded in every checkpoint. Each time the worker group starts (first start, failure restart,
-elastic resize, or a rerun with the same run name) the dataset is rebuilt from the latest complete
-checkpoint's cursor, so a resume repeats at most the shards that were in flight.
+The driver hands the workers the shard list and the pipeline's settings; each data-parallel replica
+reads its own deterministic share of the shards, resuming from the data state of the checkpoint it
+restarts from (`pali.train.data_order`: no example repeated or skipped across restarts and resizes).
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ import math
 import os
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from pali.config import PaLIConfig, get_preset
 from pali.train.config import TrainConfig
@@ -46,28 +43,6 @@ def storage_path(cfg: TrainConfig) -> str:
     return str((Path(cfg.output_dir) / "ray").resolve())
 
 
-def shard_order(shards: list[str], epoch: int, seed: int) -> list[str]:
-    """The seeded visiting order of the shards in one epoch."""
-    perm = np.random.RandomState(seed + 7919 * epoch).permutation(len(shards))
-    return [shards[i] for i in perm]
-
-
-def shards_from(shards: list[str], cursor: int, count: int, seed: int) -> list[str]:
-    """`count` shard paths starting at global cursor `cursor` (crossing epochs)."""
-    n = len(shards)
-    return [shard_order(shards, g // n, seed)[g % n] for g in range(cursor, cursor + count)]
-
-
-def plan_length(examples: int, rows: int | None, num_shards: int) -> int:
-    """Shards to queue for `examples` more training examples: 30 % over the expected count (skipped rows,
-    the rows `streaming_split(equal=True)` drops) plus 8. Not whole extra epochs: every queued shard is an
-    input block that Ray Data's split coordinator walks on each scheduling round, and two extra passes
-    over 128 shards (500 blocks) took most of a core from the workers on 2 CPUs (steps 0.32 s instead of
-    0.20 s). If the plan still runs short, the worker starts another pass over it (`loop.py`)."""
-    per_shard = rows / num_shards if rows else 64
-    return int(math.ceil(examples / max(per_shard, 1) * 1.3)) + 8
-
-
 def count_rows(shards: list[str]) -> int | None:
     """Rows over the shards from parquet metadata (None when not all are local parquet)."""
     try:
@@ -78,62 +53,12 @@ def count_rows(shards: list[str]) -> int | None:
         return None
 
 
-class DatasetFactory:
-    """Called by Ray Train at every worker-group start: the training dataset from the latest cursor."""
-
-    def __init__(self, cfg: TrainConfig, mcfg: PaLIConfig, tokenizer, shards: list[str]):
-        self.cfg, self.mcfg, self.tokenizer, self.shards = cfg, mcfg, tokenizer, shards
-
-    def __call__(self):
-        from pali.data.pipeline import DataConfig, build_dataset
-        from pali.train.sharded_checkpoint import latest_complete, read_meta
-
-        cursor, step = 0, 0
-        latest = latest_complete(run_dir(self.cfg))
-        if latest is not None:
-            meta = read_meta(latest)
-            cursor, step = int(meta.get("data_position", 0)), int(meta["step"])
-        remaining = max(self.cfg.steps - step, 1) * self.cfg.global_batch
-        count = plan_length(remaining, count_rows(self.shards), len(self.shards))
-        paths = shards_from(self.shards, cursor, count, self.cfg.seed)
-        dcfg = DataConfig.for_model(self.mcfg, task_weights=self.cfg.task_weights or _default_weights(),
-                                    seed=self.cfg.seed, batch_size=self.cfg.micro_batch,
-                                    stats_name=f"pali-data-stats-{self.cfg.name}")
-        ds = build_dataset(dcfg, self.tokenizer, paths)
-        ds.context.enable_progress_bars = False  # the trainer's own bar is the progress display
-        return ds
-
-
-def _default_weights():
+def data_config(cfg: TrainConfig, mcfg: PaLIConfig):
+    """The Ray Data pipeline's settings for this run (each replica builds its stream from them)."""
     from pali.data.pipeline import DataConfig
 
-    return DataConfig().task_weights
-
-
-def make_data_config(tp: int, pp: int):
-    """A Ray Train DataConfig that hands one streaming split per model replica to its reading rank."""
-    from ray.train import DataConfig
-
-    class ReplicaDataConfig(DataConfig):
-        """Split over data-parallel replicas only; TP/PP ranks receive their batch from the reader."""
-
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            mp = tp * pp
-            if world_size % mp:
-                raise ValueError(f"world size {world_size} is not a multiple of tp*pp = {mp}")
-            dp = world_size // mp
-            out: list[dict] = [{} for _ in range(world_size)]
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                ds.context.execution_options.preserve_order = True
-                splits = ds.streaming_split(dp, equal=True)
-                for d in range(dp):
-                    for j in range(mp):
-                        out[d * mp + j][name] = splits[d] if j == 0 else None
-            return out
-
-    return ReplicaDataConfig()
+    return DataConfig.for_model(mcfg, task_weights=cfg.task_weights or DataConfig().task_weights, seed=cfg.seed,
+                                batch_size=cfg.micro_batch, stats_name=f"pali-data-stats-{cfg.name}")
 
 
 def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
@@ -239,12 +164,11 @@ def fit(cfg: TrainConfig, threads_per_worker: int = 1):
                     worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads_per_worker)}})
     loop_config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_bytes": tok.model_proto,
                    "init_state_path": init_state_path, "vision_weights": vision_ref,
-                   "threads_per_worker": threads_per_worker}
+                   "threads_per_worker": threads_per_worker, "shards": shards, "rows": count_rows(shards),
+                   "data_config": data_config(cfg, mcfg), "run_dir": str(run_dir(cfg))}
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
                            torch_config=TorchConfig(backend=torch_backend(cfg.use_gpu)),
-                           scaling_config=scaling, run_config=run,
-                           datasets={"train": DatasetFactory(cfg, mcfg, tok, shards)},
-                           dataset_config=make_data_config(cfg.tp, cfg.pp))
+                           scaling_config=scaling, run_config=run)
     result = trainer.fit()
     return result, mcfg, tok
 

@@ -98,3 +98,41 @@ def test_checkpoint_reshards_from_tp2_dp2_to_tp1(ray_cluster, train_shards, tmp_
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_interrupted_run_trains_exactly_the_uninterrupted_runs_weights(ray_cluster, train_shards, tmp_path, capsys):
+    """One replica, fp32 on CPU: a run continued with a larger --steps, killed mid-way and finally resumed
+    past a truncated checkpoint ends with the uninterrupted run's weights bit for bit (the data order,
+    the optimizer, the schedule and the RNG all continue exactly). 20 steps of 8 examples cross the
+    64-row shards twice."""
+    common = dict(workers=1, checkpoint_every=3, keep_checkpoints=2)
+    whole_cfg = _cfg(train_shards, tmp_path / "whole", steps=20, name="whole", **common)
+    whole, _, tok = fit(whole_cfg)
+    assert whole.error is None and whole.metrics["step"] == 20
+
+    out = tmp_path / "pieces"
+    for steps, extra in ((7, {}), (14, {"fail_at_step": 10})):
+        res, _, _ = fit(_cfg(train_shards, out, steps=steps, name="pieces", **common, **extra))
+        assert res.error is None and res.metrics["step"] == steps
+    assert (out / ".injected_failure").exists(), "the failure was not injected"
+    latest = latest_complete(run_dir(_cfg(train_shards, out, name="pieces")))
+    meta = read_meta(latest)
+    assert meta["step"] == 14 and meta["data_state"]["cursor"] >= 1  # past the first shard
+    weights = latest / "rank-00000.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated checkpoint
+    capsys.readouterr()
+    res, _, _ = fit(_cfg(train_shards, out, steps=20, name="pieces", **common))
+    assert res.error is None and res.metrics["step"] == 20
+    events = (out / "events.log").read_text()  # the skip is logged, with the reason
+    assert "not resuming from checkpoint" in events and "truncated" in events and "using" in events
+
+    a = consolidate(latest_complete(run_dir(whole_cfg)), tmp_path / "a", tok)
+    b = consolidate(latest_complete(run_dir(_cfg(train_shards, out, name="pieces"))), tmp_path / "b", tok)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # A finished run continued with no more steps trains nothing and stops at once.
+    lines = (out / "metrics.jsonl").read_text().count("\n")
+    res, _, _ = fit(_cfg(train_shards, out, steps=20, name="pieces", **common))
+    assert res.error is None and (out / "metrics.jsonl").read_text().count("\n") == lines
