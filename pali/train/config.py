@@ -119,20 +119,31 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.vision_pretrain_steps < 0:
             raise ValueError(f"vision_pretrain_steps must be >= 0; got {self.vision_pretrain_steps}")
-        sizes = [self.min_workers or mp, self.max_workers or self.min_workers or mp] if self.elastic \
-            else [self.workers]
-        for n in sizes:
-            if n % mp:
-                raise ValueError(f"world size {n} is not a multiple of tp*pp = {mp}")
-            dp = n // mp
-            if self.global_batch % dp:
-                raise ValueError(f"global batch {self.global_batch} does not split evenly over dp={dp} "
-                                 f"data-parallel ranks (world {n} / (tp*pp = {mp}))")
+        if self.elastic and (self.min_workers or 1) > (self.max_workers or 10**9):
+            raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
+        # Ray Train may start the group at ANY size in [min, max]: every size that can form whole model
+        # replicas must keep the global batch exact, or the range is refused here, before anything starts.
+        lo, hi = self.worker_range()
+        if not self.elastic and lo % mp:
+            raise ValueError(f"world size {lo} is not a multiple of tp*pp = {mp}")
+        if self.elastic and (lo % mp or hi % mp):
+            raise ValueError(f"the worker range [{lo}, {hi}] must start and end at multiples of tp*pp = {mp}")
+        uneven = [n for n in range(lo, hi + 1, mp) if self.global_batch % (n // mp)]
+        if uneven:
+            raise ValueError(f"global batch {self.global_batch} does not split evenly over the data-parallel "
+                             f"ranks of world sizes {uneven} in [{lo}, {hi}] (dp = world / (tp*pp = {mp})); pick "
+                             f"a global batch divisible by every dp in the range, or narrow the range")
         if not self.vision_lr_mult > 0:
             raise ValueError(f"vision_lr_mult must be > 0; got {self.vision_lr_mult} (freeze the tower with "
                              "freeze_vision instead)")
-        if self.elastic and (self.min_workers or 1) > (self.max_workers or 10**9):
-            raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
+
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers Ray Train may run the group with (equal when not elastic)."""
+        if not self.elastic:
+            return self.workers, self.workers
+        mp = self.tp * self.pp
+        lo = self.min_workers or mp
+        return lo, self.max_workers or lo
 
     def microbatches(self, dp: int) -> tuple[int, int]:
         """(examples per data-parallel rank per step, micro-batches they are split into)."""

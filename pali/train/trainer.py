@@ -115,7 +115,7 @@ def torch_backend(use_gpu: bool) -> str:
 def unmet_resources(cfg: TrainConfig, cluster: dict[str, float]) -> str | None:
     """Why a cluster whose resources cannot grow (a local Ray) can never start the smallest worker group
     of `cfg`, or None. Ray Train would otherwise wait for the resources forever."""
-    need = (cfg.min_workers or cfg.tp * cfg.pp) if cfg.elastic else cfg.workers
+    need = cfg.worker_range()[0]
     per = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources, **({"GPU": 1.0} if cfg.use_gpu else {})}
     for name, amount in per.items():
         have = float(cluster.get(name, 0.0))
@@ -152,7 +152,7 @@ def fit(cfg: TrainConfig, threads_per_worker: int = 1):
         vision_ref = ray.put(weights) if weights is not None else None
     workers: int | tuple[int, int] = cfg.workers
     if cfg.elastic:
-        workers = (cfg.min_workers or cfg.tp * cfg.pp, cfg.max_workers or cfg.min_workers or cfg.workers)
+        workers = cfg.worker_range()
     resources = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
     if cfg.use_gpu:
         resources["GPU"] = 1

@@ -190,3 +190,19 @@ def test_pretrain_flags_are_derived_from_train_config_fields():
     assert cfg.model_overrides == {"vision__image_size": 64}
     with pytest.raises(SystemExit):
         parse_args(["--task-weights", "[1, 2]"])  # a JSON object is expected
+
+
+def test_elastic_ranges_that_cannot_keep_the_global_batch_are_refused_naming_the_sizes():
+    """Ray Train may start any size in [min, max]; each must train the exact global batch, or the range is
+    refused before anything starts."""
+    with pytest.raises(ValueError, match=r"global batch 32 .* world sizes \[3\] in \[1, 4\]"):
+        TrainConfig(global_batch=32, min_workers=1, max_workers=4).validate()  # dp = 3 cannot split 32
+    with pytest.raises(ValueError, match=r"global batch 32 .* world sizes \[3\]"):
+        TrainConfig(global_batch=32, workers=3).validate()
+    TrainConfig(global_batch=24, min_workers=1, max_workers=4).validate()  # 24 splits over 1, 2, 3 and 4
+    with pytest.raises(ValueError, match=r"global batch 30 .* world sizes \[8\] in \[4, 8\]"):
+        TrainConfig(tp=2, global_batch=30, min_workers=4, max_workers=8).validate()  # dp 2 ok, dp 4 not
+    with pytest.raises(ValueError, match=r"\[3, 4\] must start and end at multiples of tp\*pp = 2"):
+        TrainConfig(tp=2, min_workers=3, max_workers=4).validate()
+    TrainConfig(tp=2, min_workers=4, max_workers=4).validate()
+    assert TrainConfig(min_workers=2).worker_range() == (2, 2) and TrainConfig(max_workers=3).worker_range() == (1, 3)
