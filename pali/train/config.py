@@ -133,6 +133,11 @@ class TrainConfig:
             raise ValueError(f"global batch {self.global_batch} does not split evenly over the data-parallel "
                              f"ranks of world sizes {uneven} in [{lo}, {hi}] (dp = world / (tp*pp = {mp})); pick "
                              f"a global batch divisible by every dp in the range, or narrow the range")
+        for name in ("output_dir", "init_from", "tokenizer"):
+            value = getattr(self, name)
+            if value and "://" in value:  # Path("s3://b/o") is the local directory "s3:/b/o": refuse, do not
+                raise ValueError(f"{name} {value!r} is a URI; it must be a local or shared-filesystem (NFS) "
+                                 f"path for now (checkpoints can go to object storage with storage_path)")
         if not self.vision_lr_mult > 0:
             raise ValueError(f"vision_lr_mult must be > 0; got {self.vision_lr_mult} (freeze the tower with "
                              "freeze_vision instead)")

@@ -206,3 +206,11 @@ def test_elastic_ranges_that_cannot_keep_the_global_batch_are_refused_naming_the
         TrainConfig(tp=2, min_workers=3, max_workers=4).validate()
     TrainConfig(tp=2, min_workers=4, max_workers=4).validate()
     assert TrainConfig(min_workers=2).worker_range() == (2, 2) and TrainConfig(max_workers=3).worker_range() == (1, 3)
+
+
+def test_object_store_output_dir_is_refused_instead_of_written_to_a_local_s3_folder():
+    with pytest.raises(ValueError, match=r"output_dir 's3://bucket/out' is a URI"):
+        TrainConfig(output_dir="s3://bucket/out").validate()
+    with pytest.raises(ValueError, match="init_from 'gs://b/ckpt' is a URI"):
+        TrainConfig(init_from="gs://b/ckpt").validate()
+    TrainConfig(storage_path="s3://bucket/ckpts").validate()  # Ray Train's checkpoints may live there
