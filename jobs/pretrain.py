@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     """Train, consolidate, report."""
     cfg, a = parse_args(argv)
     init_ray(a.ray_address, a.num_cpus, no_auth=a.no_ray_auth)
-    from pali.train.trainer import consolidate, fit, unmet_resources, write_summary
+    from pali.train.consolidation import consolidate, write_summary
+    from pali.train.resources import unmet_resources
+    from pali.train.trainer import fit
 
     if not a.ray_address:  # a local Ray never grows: fail now instead of waiting for resources forever
         import ray

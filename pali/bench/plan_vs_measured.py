@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from pali.config import get_preset
 from pali.sizing import Geometry, PlanRequest, get_gpu, rank_memory
-from pali.sizing.measure import SavedActivationMeter, state_bytes
+from pali.sizing.measure import SavedActivationMeter, StateBytes, state_bytes
 from pali.sizing.planner import evaluate
 
 
@@ -38,8 +38,8 @@ def _commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the comparison and print / write the JSON record."""
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="base")
     p.add_argument("--gpu", default="h200", help="planner GPU type for the prediction")
@@ -50,14 +50,35 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--out", default=None, help="write the JSON record here")
-    a = p.parse_args(argv)
-    prompt, target = (int(x) for x in a.seq.split(","))
-    cfg = get_preset(a.preset)
-    device = torch.device(a.device)
-    cuda = device.type == "cuda"
+    return p.parse_args(argv)
+
+
+def _timed_steps(engine, opt: torch.optim.Optimizer, batch: dict, steps: int,
+                 cuda: bool) -> tuple[list[float], SavedActivationMeter]:
+    """Seconds of each of `steps` train steps after one warm-up step; the last step's saved activations metered."""
+    times, meter = [], SavedActivationMeter()
+    for i in range(steps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with meter if i == steps else _null():
+            engine.train_step(batch)
+        opt.step()
+        engine.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
+        if i:  # step 0 warms up (allocator, kernels, optimizer state)
+            times.append(time.perf_counter() - t0)
+    return times, meter
+
+
+def _train_and_measure(a: argparse.Namespace, cfg, device: torch.device, prompt: int,
+                       target: int) -> tuple[list[float], SavedActivationMeter, StateBytes]:
+    """Train on a one-rank process group: step times, saved-activation meter, and state bytes with gradients."""
     from pali.parallel import Grid, build_engine
     from tests.parallel.harness import global_batch
 
+    cuda = device.type == "cuda"
     store = os.path.join(tempfile.mkdtemp(), "store")
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"  # as the GPU training workers (pali.train.trainer)
     dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
@@ -69,23 +90,41 @@ def main(argv: list[str] | None = None) -> dict:
         batch = global_batch(cfg, b=a.batch, s=prompt, t=target)
         # every target real: the planner's worst case (the trainer's output head runs at real targets only)
         batch["labels"] = batch["labels"].masked_fill(batch["labels"] == 0, 5)
-        times, meter = [], SavedActivationMeter()
-        for i in range(a.steps + 1):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with meter if i == a.steps else _null():
-                engine.train_step(batch)
-            opt.step()
-            engine.zero_grad()
-            if cuda:
-                torch.cuda.synchronize()
-            if i:  # step 0 warms up (allocator, kernels, optimizer state)
-                times.append(time.perf_counter() - t0)
+        times, meter = _timed_steps(engine, opt, batch, a.steps, cuda)
         engine.train_step(batch)  # leave gradients in place to count them
         st = state_bytes(engine.model, opt)
     finally:
         dist.destroy_process_group()
+    return times, meter, st
+
+
+def _add_gpu_prediction(rec: dict, a: argparse.Namespace, cfg, geo: Geometry) -> None:
+    """Add the planner's step time and peak memory for one GPU, and the gaps to the measured ones."""
+    req = PlanRequest(cfg, get_gpu(a.gpu), 1, 1, a.batch, geo, a.mfu, overhead_gb=0.0)
+    lp = evaluate(req, 1, 1, "ddp", a.checkpointing, a.batch)
+    rec.update(predicted_step_s=lp.step_time_s, step_time_gap=rec["measured_step_s"] / lp.step_time_s - 1,
+               implied_mfu=a.mfu * lp.step_time_s / rec["measured_step_s"],
+               measured_peak_bytes=torch.cuda.max_memory_allocated(), predicted_peak_bytes=lp.memory["total"] * 1e9)
+    rec["memory_gap"] = rec["measured_peak_bytes"] / rec["predicted_peak_bytes"] - 1
+
+
+def _add_cpu_prediction(rec: dict, a: argparse.Namespace, cfg, geo: Geometry, st: StateBytes,
+                        meter: SavedActivationMeter) -> None:
+    """Add the planner's fp32 state and saved-activation bytes, and their gap to the measured ones."""
+    mem = rank_memory(cfg, 1, 1, 1, 0, geo, a.batch, 1, checkpointing=a.checkpointing, precision="fp32",
+                      fused_attention=False)
+    rec.update(predicted_state_bytes=mem.state, predicted_saved_activation_bytes=mem.activations,
+               memory_gap=(st.total + meter.peak) / (mem.state + mem.activations) - 1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison and print / write the JSON record."""
+    a = _parse_args(argv)
+    prompt, target = (int(x) for x in a.seq.split(","))
+    cfg = get_preset(a.preset)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    times, meter, st = _train_and_measure(a, cfg, device, prompt, target)
     geo = Geometry(prompt, target)
     rec = {"preset": a.preset, "device": torch.cuda.get_device_name() if cuda else "cpu", "batch": a.batch,
            "seq": [prompt, target], "checkpointing": a.checkpointing, "commit": _commit(),
@@ -93,17 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
            "measured_step_s": statistics.median(times), "measured_state_bytes": st.total,
            "measured_saved_activation_bytes": meter.peak}
     if cuda:
-        req = PlanRequest(cfg, get_gpu(a.gpu), 1, 1, a.batch, geo, a.mfu, overhead_gb=0.0)
-        lp = evaluate(req, 1, 1, "ddp", a.checkpointing, a.batch)
-        rec.update(predicted_step_s=lp.step_time_s, step_time_gap=rec["measured_step_s"] / lp.step_time_s - 1,
-                   implied_mfu=a.mfu * lp.step_time_s / rec["measured_step_s"],
-                   measured_peak_bytes=torch.cuda.max_memory_allocated(), predicted_peak_bytes=lp.memory["total"] * 1e9)
-        rec["memory_gap"] = rec["measured_peak_bytes"] / rec["predicted_peak_bytes"] - 1
+        _add_gpu_prediction(rec, a, cfg, geo)
     else:
-        mem = rank_memory(cfg, 1, 1, 1, 0, geo, a.batch, 1, checkpointing=a.checkpointing, precision="fp32",
-                          fused_attention=False)
-        rec.update(predicted_state_bytes=mem.state, predicted_saved_activation_bytes=mem.activations,
-                   memory_gap=(st.total + meter.peak) / (mem.state + mem.activations) - 1)
+        _add_cpu_prediction(rec, a, cfg, geo, st, meter)
     text = json.dumps(rec, indent=2)
     print(text)
     if a.out:

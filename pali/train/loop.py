@@ -117,6 +117,74 @@ def resume_checkpoint(ckpt, run_dir: str | None, events: Path | None = None):
     return contextlib.nullcontext(str(fallback))
 
 
+def restore_training_state(loaded, engine, opt, sched, named, grid, rank: int, start_step: int,
+                           optimizer: str) -> None:
+    """Optimizer state (resliced for this rank's layout), the schedule's position and the RNG of a checkpoint."""
+    from pali.parallel import slice_for
+    from pali.train import sharded_checkpoint as ck
+
+    same_layout = loaded.layout and all(loaded.layout.get(k) == v for k, v in
+                                        {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp}.items())
+    specs = engine.shard_spec()
+    for name, p in named:  # one parameter's full optimizer state at a time
+        ck.restore_optimizer(opt, [(name, p)], loaded.optim_for([name]), loaded.optim_scalars, specs, slice_for)
+    if same_layout:  # state that cannot be resliced (Adafactor's factored moments) comes back as saved
+        ck.restore_layout_bound(opt, named, loaded, rank)
+    elif optimizer == "adafactor":
+        print("[pali] the layout changed: Adafactor's factored second moments restart (they cannot be "
+              "resliced; AdamW state reshards exactly)")
+    with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is missing
+        warnings.simplefilter("ignore")
+        for _ in range(start_step):
+            sched.step()
+    rng = loaded.rng_state(rank)
+    if same_layout and rng is not None:
+        torch.set_rng_state(rng)
+
+
+def build_feeder(config: dict, cfg: TrainConfig, mcfg: PaLIConfig, grid, world: int, per_rank: int,
+                 start_step: int, data_state):
+    """(this replica's stream on its reading rank, else None; the feeder every rank of the replica uses)."""
+    from pali.data.prompts import TASKS
+    from pali.tokenizer import Tokenizer
+    from pali.train.data_order import ReplicaStream, plan_chunk
+
+    mp = cfg.tp * cfg.pp
+    groups = _replica_groups(world, mp)
+    stream = None
+    if grid.tp_rank == 0 and grid.pp_rank == 0:
+        tok = Tokenizer.from_proto(config["tokenizer_bytes"])
+        shards = config["shards"]
+        chunk = plan_chunk(max(cfg.steps - start_step, 1) * per_rank, config.get("rows"), len(shards))
+        stream = ReplicaStream(data_state, grid.dp, grid.dp_rank, shards, cfg.seed, per_rank,
+                               shard_reader(config["data_config"], tok, per_rank, TASKS), chunk=chunk)
+    group = None if groups is None else groups[grid.dp_rank]
+    return stream, ReplicaFeeder(stream, mcfg, per_rank, group, grid.dp_rank * mp)
+
+
+def save_and_report(step: int, loss: float, state, engine, opt, named, grid, world: int, rank: int,
+                    cfg: TrainConfig, mcfg: PaLIConfig, tokenizer_bytes: bytes) -> None:
+    """Write this rank's shard of a checkpoint (rank 0 adds meta.json with the data state) and report it."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from pali.tokenizer import Tokenizer
+    from pali.train import sharded_checkpoint as ck
+
+    meta = None
+    if rank == 0:
+        meta = {"step": step, "world_size": world, "data_position": state.cursor, "data_state": state.to_dict(),
+                "layout": {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp},
+                "model": mcfg.to_dict(), "train": cfg.to_dict(), "time": time.time()}
+    layout = {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp, "dp_rank": grid.dp_rank, "pp_rank": grid.pp_rank,
+              "tp_rank": grid.tp_rank}
+    with tempfile.TemporaryDirectory(prefix="pali-ckpt-") as tmp:
+        ck.save_shard(tmp, rank, layout, engine.shard_spec(), engine.local_state_dict(), opt, named, meta,
+                      Tokenizer.from_proto(tokenizer_bytes) if rank == 0 else None)
+        ray.train.report({"step": step, "loss": loss, "data_position": state.cursor},
+                         checkpoint=Checkpoint.from_directory(tmp))
+
+
 def _replica_groups(world: int, mp: int):
     """One process group per model replica (ranks sharing a dp index); every rank creates all of them."""
     groups = [dist.new_group(list(range(d * mp, (d + 1) * mp))) for d in range(world // mp)] if mp > 1 else None
@@ -126,13 +194,11 @@ def _replica_groups(world: int, mp: int):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (runs on every worker)."""
     import ray.train
-    from ray.train import Checkpoint
 
     from pali.data.prompts import TASKS
-    from pali.parallel import Grid, build_engine, slice_for
-    from pali.tokenizer import Tokenizer
+    from pali.parallel import Grid, build_engine
     from pali.train import sharded_checkpoint as ck
-    from pali.train.data_order import DataState, ReplicaStream, gather_reports, plan_chunk
+    from pali.train.data_order import DataState, gather_reports
     from pali.train.metrics import MetricsLogger, peak_flops
     from pali.train.optim import build_optimizer, build_scheduler
 
@@ -180,37 +246,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = build_optimizer(named, cfg)
     sched = build_scheduler(opt, cfg)
     if loaded is not None:
-        same_layout = loaded.layout and all(loaded.layout.get(k) == v for k, v in
-                                            {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp}.items())
-        specs = engine.shard_spec()
-        for name, p in named:  # one parameter's full optimizer state at a time
-            ck.restore_optimizer(opt, [(name, p)], loaded.optim_for([name]), loaded.optim_scalars, specs, slice_for)
-        if same_layout:  # state that cannot be resliced (Adafactor's factored moments) comes back as saved
-            ck.restore_layout_bound(opt, named, loaded, rank)
-        elif cfg.optimizer == "adafactor":
-            print("[pali] the layout changed: Adafactor's factored second moments restart (they cannot be "
-                  "resliced; AdamW state reshards exactly)")
-        with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is missing
-            warnings.simplefilter("ignore")
-            for _ in range(start_step):
-                sched.step()
-        rng = loaded.rng_state(rank)
-        if same_layout and rng is not None:
-            torch.set_rng_state(rng)
+        restore_training_state(loaded, engine, opt, sched, named, grid, rank, start_step, cfg.optimizer)
         del loaded
     stack.close()
 
-    # --- data ---
-    reader = grid.tp_rank == 0 and grid.pp_rank == 0
-    groups = _replica_groups(world, mp)
-    stream = None
-    if reader:
-        tok = Tokenizer.from_proto(config["tokenizer_bytes"])
-        shards = config["shards"]
-        chunk = plan_chunk(max(cfg.steps - start_step, 1) * per_rank, config.get("rows"), len(shards))
-        stream = ReplicaStream(data_state, grid.dp, grid.dp_rank, shards, cfg.seed, per_rank,
-                               shard_reader(config["data_config"], tok, per_rank, TASKS), chunk=chunk)
-    feeder = ReplicaFeeder(stream, mcfg, per_rank, None if groups is None else groups[grid.dp_rank], grid.dp_rank * mp)
+    stream, feeder = build_feeder(config, cfg, mcfg, grid, world, per_rank, start_step, data_state)
 
     # --- loop ---
     out_dir = Path(cfg.output_dir)
@@ -248,7 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cfg.step_delay_s:
             time.sleep(cfg.step_delay_s)
         # Per-task sums from this replica's reading rank, summed over the world (others add zeros).
-        acc.add(res, batch["task_id"], batch["input_ids"], batch["image_mask"], reader, dt, t_data,
+        acc.add(res, batch["task_id"], batch["input_ids"], batch["image_mask"], stream is not None, dt, t_data,
                 float(gnorm))
         if bar is not None:
             bar.update(1)
@@ -264,21 +304,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rec["global_batch"] = per_rank * grid.dp
             log.log(step + 1, rec)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            state = data_state.advance(gather_reports(stream, world, rank))
-            position = state.cursor
-            meta = None
-            if rank == 0:
-                meta = {"step": step + 1, "world_size": world, "data_position": position,
-                        "data_state": state.to_dict(),
-                        "layout": {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp},
-                        "model": mcfg.to_dict(), "train": cfg.to_dict(), "time": time.time()}
-            with tempfile.TemporaryDirectory(prefix="pali-ckpt-") as tmp:
-                ck.save_shard(tmp, rank, {"dp": grid.dp, "pp": grid.pp, "tp": grid.tp, "dp_rank": grid.dp_rank,
-                                          "pp_rank": grid.pp_rank, "tp_rank": grid.tp_rank},
-                              engine.shard_spec(), engine.local_state_dict(), opt, named, meta,
-                              Tokenizer.from_proto(config["tokenizer_bytes"]) if rank == 0 else None)
-                ray.train.report({"step": step + 1, "loss": float(res.loss), "data_position": position},
-                                 checkpoint=Checkpoint.from_directory(tmp))
+            save_and_report(step + 1, float(res.loss), data_state.advance(gather_reports(stream, world, rank)),
+                            engine, opt, named, grid, world, rank, cfg, mcfg, config["tokenizer_bytes"])
     if bar is not None:
         bar.close()
     log.close()

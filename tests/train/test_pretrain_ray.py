@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 import pali
 from pali.train.config import TrainConfig
+from pali.train.consolidation import consolidate
 from pali.train.metrics import read_metrics
 from pali.train.sharded_checkpoint import is_complete, latest_complete, read_meta
-from pali.train.trainer import consolidate, fit, run_dir
+from pali.train.trainer import fit, run_dir
 
 pytestmark = pytest.mark.slow
 

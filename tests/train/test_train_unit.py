@@ -134,7 +134,7 @@ def test_gpu_workers_get_gloo_for_cpu_collectives_next_to_nccl():
     backend type associated with device type cpu" on a GPU. Ray Train must get the mixed backend."""
     from ray.train.torch.config import _is_backend_nccl
 
-    from pali.train.trainer import torch_backend
+    from pali.train.resources import torch_backend
 
     assert torch_backend(False) == "gloo"
     backend = torch_backend(True)
@@ -144,7 +144,7 @@ def test_gpu_workers_get_gloo_for_cpu_collectives_next_to_nccl():
 
 def test_unmet_resources_name_what_a_local_cluster_lacks():
     """`python -m jobs.pretrain --use-gpu` on a local Ray without enough GPUs must say so, not wait forever."""
-    from pali.train.trainer import unmet_resources
+    from pali.train.resources import unmet_resources
 
     cpu_box = {"CPU": 8.0}
     assert unmet_resources(TrainConfig(workers=2), cpu_box) is None

@@ -36,7 +36,7 @@ from pali.data.schema import iter_rows
 from pali.data.tasks import choose_task, make_example, row_rng, tokenize_examples
 from pali.tokenizer import Tokenizer
 from pali.train.config import TrainConfig
-from pali.train.trainer import QUICKSTART_LANGS
+from pali.train.prepare import QUICKSTART_LANGS
 from pali.train.vision import build_tower
 
 
