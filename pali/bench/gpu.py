@@ -500,76 +500,114 @@ def run_gpu(gc: GpuCheckConfig | None = None) -> dict:
     return res
 
 
-def to_markdown(res: dict) -> str:
-    """The suite's tables."""
-    if "note" in res:
-        return res["note"]
+def _md_header(res: dict) -> list[str]:
+    """Device, software and backend, then the measured matmul ceiling against the datasheet peak."""
     lines = [f"device {res['device']}, torch {res['torch']}, CUDA {res['cuda']}, NCCL {res['nccl']}, "
              f"backend {res['backend']}", ""]
     c = res.get("ceiling", {})
     if "bf16_matmul_tflops" in c:
         lines += [f"{c['gpu']}: measured bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s; MFU below is "
                   f"against the datasheet {c['peak_flops'] / 1e12:.0f} TFLOP/s", ""]
+    return lines
+
+
+def _md_checks(res: dict) -> list[str]:
+    """One line per correctness check (`parity`, `train`) listing its figures."""
+    lines = []
     for name in ("parity", "train"):
         r = res.get(name, {})
         if r:
             lines += [f"**{name}**: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in r.items() if k != "traceback"), ""]
+    return lines
+
+
+def _md_mfu_table(rows: list[dict]) -> list[str]:
+    """The MFU table, one row per preset and batch (a failed row shows its error)."""
+    lines = ["| preset | params | trainable | batch | act. ckpt | step s | examples/s | tokens/s | MFU | "
+             "executed FLOPs / peak | peak GiB | planner GiB |", "|---" * 12 + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | | | {r['batch_size']} | {r['activation_checkpointing']} | "
+                         f"{r['error'][:60]} | | | | | | |")
+            continue
+        lines.append(f"| {r['preset']} | {r['params'] / 1e9:.2f}B | {r['trainable'] / 1e9:.2f}B | "
+                     f"{r['batch_size']} | {'yes' if r['activation_checkpointing'] else 'no'} | "
+                     f"{r['step_s']:.3f} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{100 * r['mfu']:.1f} % | {100 * r['executed_utilization']:.1f} % | "
+                     f"{r.get('peak_memory_gib', float('nan')):.1f} | "
+                     f"{r.get('planner_peak_gib', float('nan')):.1f} |")
+    lines.append("")
+    return lines
+
+
+def _md_profile(pr: dict) -> list[str]:
+    """Where one step's time goes: kernel time by kind, then the top kernels."""
+    busy = "" if pr["busy_fraction"] is None else f", GPU busy {100 * pr['busy_fraction']:.0f} % of the wall time"
+    lines = [f"profile of one step ({pr['preset']}, batch {pr['batch_size']}): {pr['wall_s'] * 1e3:.0f} ms "
+             f"wall, {pr['timed_s'] * 1e3:.0f} ms in kernels{busy}", "",
+             "| kind | ms | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v * 1e3:.1f} | {100 * v / max(pr['timed_s'], 1e-12):.0f} % |"
+              for k, v in pr["by_kind_s"].items()]
+    lines += ["", "| top kernel | ms |", "|---|---|"]
+    lines += [f"| `{t['name'][:90]}` | {t['s'] * 1e3:.2f} |" for t in pr["top"][:8]]
+    lines.append("")
+    return lines
+
+
+def _md_decode(d: dict) -> list[str]:
+    """The greedy KV-cache decode table, one row per batch size."""
+    lines = [f"decode ({d['preset']}, greedy, KV cache; cache = no-cache on "
+             f"{100 * d['cache_agreement']:.1f} % of tiny-preset tokens)", "",
+             "| batch | seconds | new tokens | tokens/s | ms/step |", "|---|---|---|---|---|"]
+    lines += [f"| {r['batch_size']} | {r['seconds']:.3f} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | "
+              f"{r['ms_per_step']:.1f} |" for r in d["rows"]]
+    lines.append("")
+    return lines
+
+
+def _md_ray(ray: dict) -> list[str]:
+    """The run through Ray Train and Serve, as recorded by `pali/bench/gpu_ray_check.py`."""
+    t, s = ray["train"], ray["serve"]
+    ev, last = t["eval"]["mean"], t["last_100_steps"]
+    return [f"**Through Ray** ({ray['command']})", "",
+            f"- train: `{t['job']}`: trained in {t['train_seconds']} s (Ray start to consolidated "
+            f"checkpoint), loss {t['first_loss']:.2f} -> {t['last_loss']:.2f}; last 100 steps "
+            f"{last['step_time_s'] * 1e3:.0f} ms/step, {last['examples_per_s']:.0f} examples/s, data wait "
+            f"{100 * last['data_wait_frac']:.1f} %",
+            f"- held-out: loss {t['heldout_loss']:.3f}; CIDEr {ev['caption_cider']:.1f}, OCR ANLS "
+            f"{ev['ocr_anls']:.1f}, VQA {ev['vqa_accuracy']:.1f} %",
+            f"- serve (`python -m serve` on the checkpoint, replica device {s['stats']['device']}): "
+            f"{s['burst']['ok']}/{s['burst']['requests']} concurrent requests answered at "
+            f"{s['burst']['requests_per_s']:.0f} requests/s (p50 {s['burst']['p50_s']:.2f} s, p99 "
+            f"{s['burst']['p99_s']:.2f} s, batches up to {s['burst']['max_batch_seen']}); a bad image got "
+            f"{s['bad_request_status']}; ready {s['startup_s']:.0f} s after start", ""]
+
+
+def _md_errors(res: dict) -> list[str]:
+    """The errors of every section that failed (none: no lines)."""
+    errors = [f"- {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    return ["errors:", *errors, ""] if errors else []
+
+
+def to_markdown(res: dict) -> str:
+    """The suite's tables."""
+    if "note" in res:
+        return res["note"]
+    lines = _md_header(res) + _md_checks(res)
     rows = res.get("mfu", {}).get("rows", [])
     if rows:
-        lines += ["| preset | params | trainable | batch | act. ckpt | step s | examples/s | tokens/s | MFU | "
-                  "executed FLOPs / peak | peak GiB | planner GiB |", "|---" * 12 + "|"]
-        for r in rows:
-            if "error" in r:
-                lines.append(f"| {r['preset']} | | | {r['batch_size']} | {r['activation_checkpointing']} | "
-                             f"{r['error'][:60]} | | | | | | |")
-                continue
-            lines.append(f"| {r['preset']} | {r['params'] / 1e9:.2f}B | {r['trainable'] / 1e9:.2f}B | "
-                         f"{r['batch_size']} | {'yes' if r['activation_checkpointing'] else 'no'} | "
-                         f"{r['step_s']:.3f} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-                         f"{100 * r['mfu']:.1f} % | {100 * r['executed_utilization']:.1f} % | "
-                         f"{r.get('peak_memory_gib', float('nan')):.1f} | "
-                         f"{r.get('planner_peak_gib', float('nan')):.1f} |")
-        lines.append("")
+        lines += _md_mfu_table(rows)
     pr = res.get("profile", {})
     if pr.get("by_kind_s"):
-        busy = "" if pr["busy_fraction"] is None else f", GPU busy {100 * pr['busy_fraction']:.0f} % of the wall time"
-        lines += [f"profile of one step ({pr['preset']}, batch {pr['batch_size']}): {pr['wall_s'] * 1e3:.0f} ms "
-                  f"wall, {pr['timed_s'] * 1e3:.0f} ms in kernels{busy}", "",
-                  "| kind | ms | share |", "|---|---|---|"]
-        lines += [f"| {k} | {v * 1e3:.1f} | {100 * v / max(pr['timed_s'], 1e-12):.0f} % |"
-                  for k, v in pr["by_kind_s"].items()]
-        lines += ["", "| top kernel | ms |", "|---|---|"]
-        lines += [f"| `{t['name'][:90]}` | {t['s'] * 1e3:.2f} |" for t in pr["top"][:8]]
-        lines.append("")
+        lines += _md_profile(pr)
     d = res.get("decode", {})
     if d.get("rows"):
-        lines += [f"decode ({d['preset']}, greedy, KV cache; cache = no-cache on "
-                  f"{100 * d['cache_agreement']:.1f} % of tiny-preset tokens)", "",
-                  "| batch | seconds | new tokens | tokens/s | ms/step |", "|---|---|---|---|---|"]
-        lines += [f"| {r['batch_size']} | {r['seconds']:.3f} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | "
-                  f"{r['ms_per_step']:.1f} |" for r in d["rows"]]
-        lines.append("")
+        lines += _md_decode(d)
     ray = res.get("ray")
     if ray:  # recorded from pali/bench/gpu_ray_check.py (the same GPU path through Ray Train and Serve)
-        t, s = ray["train"], ray["serve"]
-        ev, last = t["eval"]["mean"], t["last_100_steps"]
-        lines += [f"**Through Ray** ({ray['command']})", "",
-                  f"- train: `{t['job']}`: trained in {t['train_seconds']} s (Ray start to consolidated "
-                  f"checkpoint), loss {t['first_loss']:.2f} -> {t['last_loss']:.2f}; last 100 steps "
-                  f"{last['step_time_s'] * 1e3:.0f} ms/step, {last['examples_per_s']:.0f} examples/s, data wait "
-                  f"{100 * last['data_wait_frac']:.1f} %",
-                  f"- held-out: loss {t['heldout_loss']:.3f}; CIDEr {ev['caption_cider']:.1f}, OCR ANLS "
-                  f"{ev['ocr_anls']:.1f}, VQA {ev['vqa_accuracy']:.1f} %",
-                  f"- serve (`python -m serve` on the checkpoint, replica device {s['stats']['device']}): "
-                  f"{s['burst']['ok']}/{s['burst']['requests']} concurrent requests answered at "
-                  f"{s['burst']['requests_per_s']:.0f} requests/s (p50 {s['burst']['p50_s']:.2f} s, p99 "
-                  f"{s['burst']['p99_s']:.2f} s, batches up to {s['burst']['max_batch_seen']}); a bad image got "
-                  f"{s['bad_request_status']}; ready {s['startup_s']:.0f} s after start", ""]
-    errors = [f"- {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
-    if errors:
-        lines += ["errors:", *errors, ""]
-    return "\n".join(lines)
+        lines += _md_ray(ray)
+    return "\n".join(lines + _md_errors(res))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from serve.config import INGRESS_ENV, ingress_env  # pydantic only: Ray is imported in main
+from serve.config import INGRESS_ENV, AppArgs, ingress_env  # pydantic only: Ray is imported in main
 
 MODES = {"batching_on": None, "batching_off": 1}
 """Mode name -> max_batch_size (None: the `--max-batch-size` flag)."""
@@ -269,8 +269,8 @@ def mode_order(rounds: int) -> list[str]:
     return [m for r in range(rounds) for m in (names if r % 2 == 0 else names[::-1])]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; print and write the results."""
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with `--rounds`, `--duration` and `--concurrency` checked."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--concurrency", type=int, default=32)
@@ -292,84 +292,137 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds < 1 or a.duration <= 0 or a.concurrency < 1:
         p.error(f"--rounds={a.rounds}, --duration={a.duration}, --concurrency={a.concurrency}; expected >= 1, "
                 "> 0, >= 1")
+    return a
 
-    env = ingress_env(a.ingress)
+
+def _select_ingress(ingress: str) -> None:
+    """Set the environment that selects `ingress` for the Ray session this process will start."""
+    env = ingress_env(ingress)
     if env:
         if "ray.serve" in sys.modules:  # Serve reads these when its modules are imported
-            raise RuntimeError(f"--ingress {a.ingress} needs a fresh process: ray.serve is already imported")
+            raise RuntimeError(f"--ingress {ingress} needs a fresh process: ray.serve is already imported")
         os.environ.update(env)
         # Deleting a direct-ingress app waits 30 s for load balancers to see it drain; the runs here
         # switch apps between modes with no load in flight.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
+
+def _load_builder(spec: str):
+    """The application builder named `module:function`."""
     import importlib
 
+    module, _, func = spec.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _start_serve(torch_threads: int) -> str:
+    """Start Ray (token auth on, `torch_threads` OpenMP threads per worker) and Serve on a free local port;
+    returns Serve's URL."""
     import ray
-    import requests
     from ray import serve
 
-    from serve.config import AppArgs
-
-    module, _, func = a.app.partition(":")
-    build_app = getattr(importlib.import_module(module), func)
-    wait = a.batch_wait_timeout_s if a.batch_wait_timeout_s is not None else \
-        AppArgs.model_fields["batch_wait_timeout_s"].default
-    tmp = tempfile.TemporaryDirectory()
-    ckpt = a.checkpoint or str(tiny_checkpoint(Path(tmp.name) / "tiny"))
-    bodies = request_bodies(64, a.max_new_tokens)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     from cluster.auth import use_in_this_process
 
     use_in_this_process()
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(a.torch_threads)}})
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(torch_threads)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
-    runs: list[dict] = []
-    try:
-        for mode in mode_order(a.rounds):
-            mbs = MODES[mode] or a.max_batch_size
-            app = build_app({"models": {"default": ckpt}, "num_replicas": 1, "max_batch_size": mbs,
-                             "max_ongoing_requests": a.max_ongoing_requests or max(a.concurrency, a.max_batch_size),
-                             "num_cpus": 0.5,
-                             "torch_threads": a.torch_threads, "batch_wait_timeout_s": wait})
-            serve.run(app, name="bench", route_prefix="/")
-            run_load(url, min(a.concurrency, 4), 2.0, a.max_new_tokens, bodies)  # warm-up
-            stats0 = requests.get(url + "/v1/stats", timeout=30).json()["batch_sizes"]
-            load = [round(x, 2) for x in os.getloadavg()]
-            res = {"mode": mode, "max_batch_size": mbs, "load_avg_at_start": load,
-                   **run_load(url, a.concurrency, a.duration, a.max_new_tokens, bodies)}
-            stats1 = requests.get(url + "/v1/stats", timeout=30).json()["batch_sizes"]
-            res["batch_sizes"] = {k: v - stats0.get(k, 0) for k, v in stats1.items() if v - stats0.get(k, 0)}
-            res["ingress_processes"] = ingress_processes()
-            res["ingress_listeners"] = ingress_listeners()
-            runs.append(res)
-            cpu = res["cpu"]
-            print(f"{mode:13s} max_batch_size={mbs:3d}  {res['requests_per_s']:8.2f} req/s  p50 {res['p50_ms']} ms  "
-                  f"p99 {res['p99_ms']} ms  errors {res['errors']}  load {load[0]}  CPU ms/request: "
-                  f"gen {cpu.get('load_generator_ms_per_request')} proxy {cpu.get('proxy_ms_per_request')} "
-                  f"replica {cpu.get('replica_ms_per_request')}  machine busy {cpu.get('machine_busy_cores')} "
-                  f"cores", flush=True)
-            serve.delete("bench")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        tmp.cleanup()
+    return f"http://127.0.0.1:{port}"
+
+
+def _batch_sizes(url: str) -> dict:
+    """The replica's counts of the batch sizes it has run so far (`/v1/stats`)."""
+    import requests
+
+    return requests.get(url + "/v1/stats", timeout=30).json()["batch_sizes"]
+
+
+def _run_mode(a: argparse.Namespace, mode: str, build_app, ckpt: str, wait: float, url: str,
+              bodies: list[bytes]) -> dict:
+    """Deploy the app in `mode`, warm it up and load it; the run's record (leaves the app deployed)."""
+    from ray import serve
+
+    mbs = MODES[mode] or a.max_batch_size
+    app = build_app({"models": {"default": ckpt}, "num_replicas": 1, "max_batch_size": mbs,
+                     "max_ongoing_requests": a.max_ongoing_requests or max(a.concurrency, a.max_batch_size),
+                     "num_cpus": 0.5,
+                     "torch_threads": a.torch_threads, "batch_wait_timeout_s": wait})
+    serve.run(app, name="bench", route_prefix="/")
+    run_load(url, min(a.concurrency, 4), 2.0, a.max_new_tokens, bodies)  # warm-up
+    stats0 = _batch_sizes(url)
+    load = [round(x, 2) for x in os.getloadavg()]
+    res = {"mode": mode, "max_batch_size": mbs, "load_avg_at_start": load,
+           **run_load(url, a.concurrency, a.duration, a.max_new_tokens, bodies)}
+    stats1 = _batch_sizes(url)
+    res["batch_sizes"] = {k: v - stats0.get(k, 0) for k, v in stats1.items() if v - stats0.get(k, 0)}
+    res["ingress_processes"] = ingress_processes()
+    res["ingress_listeners"] = ingress_listeners()
+    return res
+
+
+def _print_run(res: dict) -> None:
+    """One line per run: throughput, latency, errors, load and CPU per request."""
+    mode, mbs, load, cpu = res["mode"], res["max_batch_size"], res["load_avg_at_start"], res["cpu"]
+    print(f"{mode:13s} max_batch_size={mbs:3d}  {res['requests_per_s']:8.2f} req/s  p50 {res['p50_ms']} ms  "
+          f"p99 {res['p99_ms']} ms  errors {res['errors']}  load {load[0]}  CPU ms/request: "
+          f"gen {cpu.get('load_generator_ms_per_request')} proxy {cpu.get('proxy_ms_per_request')} "
+          f"replica {cpu.get('replica_ms_per_request')}  machine busy {cpu.get('machine_busy_cores')} "
+          f"cores", flush=True)
+
+
+def _median_results(runs: list[dict]) -> dict:
+    """Per mode: median requests/s, p50 and p99 over its runs, and the errors summed."""
     results = {}
     for mode in MODES:
         mine = [r for r in runs if r["mode"] == mode]
         results[mode] = {k: float(np.median([r[k] for r in mine if r[k] is not None] or [np.nan]))
                          for k in ("requests_per_s", "p50_ms", "p99_ms")}
         results[mode]["errors"] = sum(r["errors"] for r in mine)
+    return results
+
+
+def _record(a: argparse.Namespace, wait: float, runs: list[dict]) -> dict:
+    """The JSON record: provenance, settings, medians, on/off ratios of each round, and every run."""
+    results = _median_results(runs)
     pairs = list(zip(runs[0::2], runs[1::2], strict=True))
     on_off = [(x, y) if x["mode"] == "batching_on" else (y, x) for x, y in pairs]
-    out = {"benchmark": "serve_load", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-           "commit": commit(), "hardware": hardware(), "checkpoint": a.checkpoint or "random tiny preset", "app": a.app,
-           "ingress": a.ingress,
-           "concurrency": a.concurrency, "duration_s": a.duration, "rounds": a.rounds,
-           "max_new_tokens": a.max_new_tokens, "batch_wait_timeout_s": wait, "results": results,
-           "throughput_ratios": [round(on["requests_per_s"] / off["requests_per_s"], 3) for on, off in on_off],
-           "p99_ratios": [round(on["p99_ms"] / off["p99_ms"], 3) for on, off in on_off], "runs": runs}
+    return {"benchmark": "serve_load", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "commit": commit(), "hardware": hardware(), "checkpoint": a.checkpoint or "random tiny preset",
+            "app": a.app, "ingress": a.ingress,
+            "concurrency": a.concurrency, "duration_s": a.duration, "rounds": a.rounds,
+            "max_new_tokens": a.max_new_tokens, "batch_wait_timeout_s": wait, "results": results,
+            "throughput_ratios": [round(on["requests_per_s"] / off["requests_per_s"], 3) for on, off in on_off],
+            "p99_ratios": [round(on["p99_ms"] / off["p99_ms"], 3) for on, off in on_off], "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print and write the results."""
+    a = _parse_args(argv)
+    _select_ingress(a.ingress)
+    import ray
+    from ray import serve
+
+    build_app = _load_builder(a.app)
+    wait = a.batch_wait_timeout_s if a.batch_wait_timeout_s is not None else \
+        AppArgs.model_fields["batch_wait_timeout_s"].default
+    tmp = tempfile.TemporaryDirectory()
+    ckpt = a.checkpoint or str(tiny_checkpoint(Path(tmp.name) / "tiny"))
+    bodies = request_bodies(64, a.max_new_tokens)
+    url = _start_serve(a.torch_threads)
+    runs: list[dict] = []
+    try:
+        for mode in mode_order(a.rounds):
+            res = _run_mode(a, mode, build_app, ckpt, wait, url, bodies)
+            runs.append(res)
+            _print_run(res)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        tmp.cleanup()
+    out = _record(a, wait, runs)
     print(json.dumps(out, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))

@@ -167,43 +167,29 @@ def _resolve_tasks(requested: Sequence[str] | None, examples: Counter, paths: Se
     return tuple(requested)
 
 
-def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[str] | None = None,
-             langs: Sequence[str] | None = None, num_beams: int = 1, out_dir: str = "eval_out",
-             max_new_tokens: int = 32, batch_size: int = 16, num_actors: int | None = None,
-             use_gpu: bool | None = None, dtype: str | None = None) -> dict[str, Any]:
-    """Evaluate a serving checkpoint on shards; writes predictions.jsonl, metrics.json, report.md.
-
-    tasks: subset of ("caption", "vqa", "ocr"); None = every task the shards have references for
-    (an explicitly requested task without references is an error). langs: BCP-47 filter, None = all.
-    Returns the metrics dict (see `pali.eval.metrics.compute_metrics`) with a "run" section added.
-    """
-    if tasks is not None:
-        tasks = check_tasks(tasks)
-    langs = check_langs(langs)
+def _check_decoding_args(num_beams: int, batch_size: int, max_new_tokens: int) -> None:
+    """Raise ValueError naming the first of num_beams, batch_size, max_new_tokens that is not an integer >= 1."""
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams={num_beams!r}; expected an integer >= 1")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; expected an integer >= 1")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 1")
-    paths = list_shard_paths(data_paths)
-    model_cfg = check_checkpoint(checkpoint)
 
-    t0 = time.time()
-    scan = scan_shards(paths, tasks or EVAL_TASKS, langs)
+
+def _check_langs_present(langs: tuple[str, ...] | None, present: Counter) -> None:
+    """Raise ValueError if a language of the filter has no rows in the shards."""
     if langs:
-        absent = [lang for lang in langs if not scan["langs"].get(lang)]
+        absent = [lang for lang in langs if not present.get(lang)]
         if absent:
             raise ValueError(f"language filter {absent} matches no rows; the shards hold languages "
-                             f"{sorted(scan['langs'])}")
-    tasks = _resolve_tasks(tasks, scan["examples"], paths, langs)
-    expected = Counter({k: v for k, v in scan["examples"].items() if k[0] in tasks})
+                             f"{sorted(present)}")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pred_path = out / "predictions.jsonl"
-    cfg = InferenceConfig(checkpoint=checkpoint, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, dtype=dtype)
+
+def _predict_to_file(pred_path: Path, paths: list[str], tasks: tuple[str, ...], langs: tuple[str, ...] | None,
+                     cfg: InferenceConfig) -> tuple[list[dict[str, Any]], Any]:
+    """Stream predictions into `pred_path` (flushed per batch), then read them back; returns the records and
+    the pipeline's `DataStats`."""
     from pali.data.pipeline import DataStats
 
     ensure_ray()
@@ -220,22 +206,36 @@ def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[s
             raise RuntimeError(f"inference failed after {written} predictions (kept in {pred_path}): "
                                f"{type(e).__name__}: {e}") from e
     records = [json.loads(line) for line in pred_path.read_text(encoding="utf-8").splitlines() if line]
-    infer_s = time.time() - t0
+    return records, stats
 
-    metrics = compute_metrics(records)
-    got = Counter((r["task"], r["lang"]) for r in records)
-    keys = Counter((r["id"], r["task"]) for r in records)
-    metrics["run"] = {
+
+def _run_summary(checkpoint: str, model_cfg: dict[str, Any], paths: list[str], tasks: tuple[str, ...],
+                 langs: tuple[str, ...] | None, cfg: InferenceConfig, records: list[dict[str, Any]],
+                 scan: dict[str, Any], stats: Any, infer_s: float) -> dict[str, Any]:
+    """The metrics' "run" section: what was evaluated, how, and how fast."""
+    return {
         "checkpoint": str(checkpoint), "preset": model_cfg.get("name"), "num_shards": len(paths),
-        "tasks": list(tasks), "langs": list(langs) if langs else None, "num_beams": num_beams,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "num_predictions": len(records),
+        "tasks": list(tasks), "langs": list(langs) if langs else None, "num_beams": cfg.num_beams,
+        "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "num_predictions": len(records),
         "prediction_errors": sum(1 for r in records if r.get("error")), "malformed_rows": scan["malformed"],
         "bad_images": scan["bad_images"], "data_stats": stats.get(),
         "wall_s": round(infer_s, 2), "examples_per_s": round(len(records) / max(infer_s, 1e-9), 3),
     }
-    write_report(metrics, out, {k: metrics["run"][k] for k in ("checkpoint", "preset", "num_shards", "tasks",
-                                                              "langs", "num_beams", "num_predictions",
-                                                              "prediction_errors", "wall_s")})
+
+
+_REPORT_RUN_KEYS = ("checkpoint", "preset", "num_shards", "tasks", "langs", "num_beams", "num_predictions",
+                    "prediction_errors", "wall_s")
+"""The entries of the "run" section that report.md shows."""
+
+
+def _prediction_counts(records: list[dict[str, Any]]) -> tuple[Counter, Counter]:
+    """Predictions per (task, lang) and per (id, task)."""
+    return Counter((r["task"], r["lang"]) for r in records), Counter((r["id"], r["task"]) for r in records)
+
+
+def _check_predictions(records: list[dict[str, Any]], got: Counter, keys: Counter, expected: Counter,
+                       out: Path) -> None:
+    """Raise RuntimeError if every prediction failed, or if the predictions are not each scanned example once."""
     failed = [r for r in records if r.get("error")]
     if records and len(failed) == len(records):
         raise RuntimeError(f"every one of the {len(records)} predictions failed (first error: "
@@ -246,5 +246,42 @@ def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[s
                            f"{sum(expected.values())} (missing {dict(expected - got)}, "
                            f"extra {dict(got - expected)}, duplicate ids "
                            f"{duplicates[:5]}); outputs kept in {out}")
+
+
+def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[str] | None = None,
+             langs: Sequence[str] | None = None, num_beams: int = 1, out_dir: str = "eval_out",
+             max_new_tokens: int = 32, batch_size: int = 16, num_actors: int | None = None,
+             use_gpu: bool | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """Evaluate a serving checkpoint on shards; writes predictions.jsonl, metrics.json, report.md.
+
+    tasks: subset of ("caption", "vqa", "ocr"); None = every task the shards have references for
+    (an explicitly requested task without references is an error). langs: BCP-47 filter, None = all.
+    Returns the metrics dict (see `pali.eval.metrics.compute_metrics`) with a "run" section added.
+    """
+    if tasks is not None:
+        tasks = check_tasks(tasks)
+    langs = check_langs(langs)
+    _check_decoding_args(num_beams, batch_size, max_new_tokens)
+    paths = list_shard_paths(data_paths)
+    model_cfg = check_checkpoint(checkpoint)
+
+    t0 = time.time()
+    scan = scan_shards(paths, tasks or EVAL_TASKS, langs)
+    _check_langs_present(langs, scan["langs"])
+    tasks = _resolve_tasks(tasks, scan["examples"], paths, langs)
+    expected = Counter({k: v for k, v in scan["examples"].items() if k[0] in tasks})
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = InferenceConfig(checkpoint=checkpoint, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, dtype=dtype)
+    records, stats = _predict_to_file(out / "predictions.jsonl", paths, tasks, langs, cfg)
+    infer_s = time.time() - t0
+
+    metrics = compute_metrics(records)
+    got, keys = _prediction_counts(records)
+    metrics["run"] = _run_summary(checkpoint, model_cfg, paths, tasks, langs, cfg, records, scan, stats, infer_s)
+    write_report(metrics, out, {k: metrics["run"][k] for k in _REPORT_RUN_KEYS})
+    _check_predictions(records, got, keys, expected, out)
     log.info("evaluation done: %d predictions in %.1f s, outputs in %s", len(records), infer_s, out)
     return metrics
