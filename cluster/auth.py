@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -71,8 +72,13 @@ def ensure_token(env: Mapping[str, str] | None = None) -> str:
     token = secrets.token_hex(32)  # 256 bits, the format Ray generates
     try:  # O_EXCL: two processes starting clusters at once must agree on one token
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return find_token(env) or ensure_token(env)
+    except FileExistsError:  # another process is writing it: wait for its 64 characters
+        for _ in range(100):
+            token = find_token(env)
+            if token:
+                return token
+            time.sleep(0.05)
+        raise RuntimeError(f"{path} exists but stays empty; remove it or write a token there") from None
     with os.fdopen(fd, "w") as f:
         f.write(token)
     print(f"[pali] generated a Ray authentication token at {path}", file=sys.stderr)

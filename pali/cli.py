@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import json
 import textwrap
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -49,7 +50,7 @@ def _json_object(text: str) -> dict:
 def _unwrap_optional(tp: Any) -> Any:
     """`X | None` -> X; anything else unchanged."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
     return tp
 

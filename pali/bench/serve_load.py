@@ -147,13 +147,18 @@ def _descendants(table: dict[int, tuple[int, str, float]]) -> list[int]:
     return out
 
 
-def ingress_processes() -> list[str]:
-    """Names of this process's descendants that serve as the HTTP ingress (see `_group`)."""
+def _descendant_commands() -> list[tuple[int, str]]:
+    """(pid, command line) of this process's descendants; empty where /proc cannot be read."""
     try:
         table = _proc_table()
     except OSError:
         return []
-    cmds = (table[pid][1] for pid in _descendants(table))
+    return [(pid, table[pid][1]) for pid in _descendants(table)]
+
+
+def ingress_processes() -> list[str]:
+    """Names of this process's descendants that serve as the HTTP ingress (see `_group`)."""
+    cmds = (cmd for _, cmd in _descendant_commands())
     return sorted({cmd.split()[0].rsplit("/", 1)[-1] for cmd in cmds if _group(cmd) == "proxy"})
 
 
@@ -182,14 +187,10 @@ def _listen_addresses() -> dict[int, str]:
 
 def ingress_listeners() -> list[str]:
     """`ip:port` of every TCP socket that an HAProxy process among this process's descendants listens on."""
-    try:
-        table = _proc_table()
-    except OSError:
-        return []
     listening = _listen_addresses()
     found = set()
-    for pid in _descendants(table):
-        if "/haproxy " not in table[pid][1]:
+    for pid, cmd in _descendant_commands():
+        if "/haproxy " not in cmd:
             continue
         try:
             links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]

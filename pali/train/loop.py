@@ -89,32 +89,35 @@ class ReplicaFeeder:
         return b
 
 
-def resume_checkpoint(ckpt, run_dir: str | None, events: Path | None = None):
-    """Ray's latest checkpoint if it is complete; else the newest complete one under `run_dir` (or None).
+def resume_checkpoint(ckpt, run_dir: str | None, stack: contextlib.ExitStack,
+                      events: Path | None = None) -> str | None:
+    """The directory to resume from: Ray's latest checkpoint if it is complete, else the newest complete
+    one under `run_dir`; None when there is no checkpoint.
 
-    A checkpoint with a missing or truncated file is never resumed from; the worker's log (and `events`,
-    the run's `events.log`) says which and why. Returns a context manager yielding the directory, or None.
+    Ray's checkpoint is opened once, in `stack` (on remote storage that is a download), and stays open
+    while the tensors are read. A checkpoint with a missing or truncated file is never resumed from; the
+    worker's log (and `events`, the run's `events.log`) says which and why.
     """
     from pali.train import sharded_checkpoint as ck
 
     if ckpt is None:
         return None
-    with ckpt.as_directory() as d:
-        problem = ck.incomplete_reason(d)
-        if problem is None:
-            return ckpt.as_directory()
-        fallback = ck.latest_complete(run_dir) if run_dir and "://" not in run_dir else None
-        line = (f"[pali] not resuming from checkpoint {d}: {problem}; "
-                + (f"using {fallback} instead" if fallback else "no complete checkpoint to use instead"))
-        print(line, flush=True)
-        if events is not None:
-            events.parent.mkdir(parents=True, exist_ok=True)
-            with open(events, "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+    d = stack.enter_context(ckpt.as_directory())
+    problem = ck.incomplete_reason(d)
+    if problem is None:
+        return d
+    fallback = ck.latest_complete(run_dir) if run_dir and "://" not in run_dir else None
+    line = (f"[pali] not resuming from checkpoint {d}: {problem}; "
+            + (f"using {fallback} instead" if fallback else "no complete checkpoint to use instead"))
+    print(line, flush=True)
+    if events is not None:
+        events.parent.mkdir(parents=True, exist_ok=True)
+        with open(events, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
     if fallback is None:
         raise RuntimeError(f"the latest checkpoint is incomplete ({problem}) and no complete one exists under "
                            f"{run_dir}; delete the run directory to start over")
-    return contextlib.nullcontext(str(fallback))
+    return str(fallback)
 
 
 def restore_training_state(loaded, engine, opt, sched, named, grid, rank: int, start_step: int,
@@ -218,11 +221,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # --- state: latest checkpoint of this run, else an init checkpoint, else a seeded init ---
     # Tensors are read lazily, one at a time, and sliced for this rank: no process holds the whole model.
     stack = contextlib.ExitStack()  # keeps the checkpoint directory while tensors are read
-    chosen = resume_checkpoint(ray.train.get_checkpoint(), config.get("run_dir"),
+    chosen = resume_checkpoint(ray.train.get_checkpoint(), config.get("run_dir"), stack,
                                Path(cfg.output_dir) / "events.log" if rank == 0 else None)
     loaded, start_step, data_state = None, 0, DataState()
     if chosen is not None:
-        loaded = ck.LazyShardedState(stack.enter_context(chosen))
+        loaded = ck.LazyShardedState(chosen)
         start_step = int(loaded.meta["step"])
         data_state = DataState.from_dict(loaded.meta["data_state"]) if "data_state" in loaded.meta else \
             DataState(int(loaded.meta.get("data_position", 0)))  # a checkpoint of an older release
