@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from pali import storage
 from pali.cli import add_config_flags, config_from_args
 from pali.config import parse_overrides
 from pali.train.config import TrainConfig
@@ -33,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags: one per `TrainConfig` field (`pali.cli`), plus the model shortcuts and the launcher's own."""
     p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(p, TrainConfig, groups=FLAG_GROUPS, skip={"model_overrides"}, default_group="run",
-                     hidden={"step_delay_s", "fail_at_step"}, flag_names={"step_delay_s": "--step-delay"})
+    add_config_flags(p, TrainConfig, groups=FLAG_GROUPS, skip={"model_overrides"}, default_group="run")
     g = p.add_argument_group("model overrides")
     g.add_argument("--image-size", type=int, default=None, help="train at this resolution (interpolates position "
                    "embeddings of --init-from: PaLI's high-res phase)")
@@ -111,34 +111,50 @@ def main(argv: list[str] | None = None) -> int:
     if result.checkpoint is None:
         print("[pali] training produced no checkpoint", file=sys.stderr)
         return 1
-    out = Path(cfg.output_dir)
     with result.checkpoint.as_directory() as d:
-        final = consolidate(d, out / "final", tok)
+        final = consolidate(d, storage.join(cfg.output_dir, "final"), tok)
     train_s = time.time() - t0
+    out = cfg.output_dir
     print(f"[pali] trained {cfg.steps} steps in {train_s:.0f} s; serving checkpoint: {final}")
-    print(f"[pali] metrics: {out / 'metrics.jsonl'}, TensorBoard: {out / 'tensorboard'}, "
-          f"loss curves: {out / 'loss_curves.png'}")
+    print(f"[pali] metrics: {storage.join(out, 'metrics.jsonl')}, TensorBoard: {storage.join(out, 'tensorboard')}, "
+          f"loss curves: {storage.join(out, 'loss_curves.png')}")
     summary = {"steps": cfg.steps, "train_seconds": train_s, "checkpoint": str(final),
                "final_metrics": result.metrics}
+    local = cfg.local_output_dir()
     if not a.no_eval:
-        from pali.train.heldout import dump, format_samples, heldout_report
-
-        rep = heldout_report(str(final), cfg.eval_data, num_examples=cfg.eval_examples, seed=cfg.seed + 1)
-        dump(rep, str(out / "heldout.json"))
-        print(format_samples(rep))
-        summary["heldout"] = {k: rep[k] for k in ("loss", "loss_per_task", "exact_match")}
-        try:
-            from pali.eval import evaluate
-            from pali.eval.report import format_table
-
-            metrics = evaluate(str(final), cfg.eval_data, out_dir=str(out / "eval"))
-            print(format_table(metrics))
-            summary["eval"] = metrics.get("overall", metrics)
-        except Exception as e:  # the checkpoint and training record stay valid; say what failed
-            print(f"[pali] evaluation failed: {type(e).__name__}: {e}", file=sys.stderr)
-            summary["eval_error"] = str(e)
-    write_summary(out / "summary.json", summary)
+        summary.update(evaluate_run(cfg, str(final), local))
+    write_summary(local / "summary.json", summary)
+    if storage.is_uri(out):  # the driver's record joins the workers' on the storage
+        for name in ("summary.json", "heldout.json", "eval"):
+            p = local / name
+            if p.is_dir():
+                storage.upload_dir(p, storage.join(out, name))
+            elif p.is_file():
+                fs, dst = storage.filesystem_for(storage.join(out, name))
+                with fs.open_output_stream(dst) as f:
+                    f.write(p.read_bytes())
     return 0
+
+
+def evaluate_run(cfg: TrainConfig, final: str, local: Path) -> dict:
+    """Held-out loss and samples, then the benchmark metrics, of the serving checkpoint; their summary."""
+    from pali.train.heldout import dump, format_samples, heldout_report
+
+    rep = heldout_report(final, cfg.eval_data, num_examples=cfg.eval_examples, seed=cfg.seed + 1)
+    dump(rep, str(local / "heldout.json"))
+    print(format_samples(rep))
+    summary: dict = {"heldout": {k: rep[k] for k in ("loss", "loss_per_task", "exact_match")}}
+    try:
+        from pali.eval import evaluate
+        from pali.eval.report import format_table
+
+        metrics = evaluate(final, cfg.eval_data, out_dir=str(local / "eval"))
+        print(format_table(metrics))
+        summary["eval"] = metrics.get("overall", metrics)
+    except Exception as e:  # the checkpoint and training record stay valid; say what failed
+        print(f"[pali] evaluation failed: {type(e).__name__}: {e}", file=sys.stderr)
+        summary["eval_error"] = str(e)
+    return summary
 
 
 if __name__ == "__main__":

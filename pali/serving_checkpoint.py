@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -38,30 +39,85 @@ def save_pretrained(model: PaLI, tokenizer, out_dir: str | os.PathLike, extra: d
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "preset": model.cfg.name})
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def save_streamed(state: Mapping[str, torch.Tensor], cfg: PaLIConfig, tokenizer, out_dir: str | os.PathLike,
+                  extra: dict | None = None) -> str | Path:
+    """Write a serving checkpoint from a read-on-access `state` (e.g. a sharded training checkpoint),
+    one tensor at a time: no whole model is ever in memory. Returns where it was written (a Path when local).
+
+    The tensor list and shapes come from the model on the meta device. A local `out_dir` is written into a
+    temporary sibling and renamed into place (as `save_pretrained`); on object storage, where nothing
+    renames, the previous `config.json` is deleted first and the new one written last, so a reader (which
+    needs `config.json`) never loads a half-written checkpoint.
+    """
+    from pali import storage
+
+    model = create_model(cfg, device="meta")
+    specs = [(k, v.shape, v.dtype) for k, v in model.state_dict().items()]
+    missing = sorted({k for k, _, _ in specs} - set(state))
+    if missing:
+        raise ValueError(f"the state lacks {len(missing)} of the model's tensors, e.g. {missing[:5]}")
+    meta = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), **(extra or {})}
+
+    def write_into(d: str) -> None:
+        storage.write_safetensors_streamed(storage.join(d, WEIGHTS_FILE), specs, state.__getitem__,
+                                           metadata={"format": "pt", "preset": cfg.name})
+        if tokenizer is not None:
+            fs, p = storage.filesystem_for(storage.join(d, TOKENIZER_FILE))
+            with fs.open_output_stream(p) as f:
+                f.write(tokenizer.model_proto)
+        fs, p = storage.filesystem_for(storage.join(d, CONFIG_FILE))
+        with fs.open_output_stream(p) as f:
+            f.write(json.dumps(meta, indent=2, sort_keys=True).encode())
+
+    if storage.is_uri(out_dir):
+        fs, p = storage.filesystem_for(out_dir)
+        fs.create_dir(p, recursive=True)
+        fs.delete_file(p + "/" + CONFIG_FILE) if storage.exists(storage.join(out_dir, CONFIG_FILE)) else None
+        write_into(str(out_dir))
+        return str(out_dir)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_into(str(tmp))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`, putting a previous `out` back if the rename fails."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
 def load_config(ckpt_dir: str | os.PathLike) -> PaLIConfig:
-    """The model config recorded in a serving checkpoint."""
-    path = Path(ckpt_dir) / CONFIG_FILE
-    if not path.is_file():
+    """The model config recorded in a serving checkpoint (a local directory or an object-storage URI)."""
+    from pali import storage
+
+    path = storage.join(ckpt_dir, CONFIG_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} is missing; a serving checkpoint holds {CONFIG_FILE}, {WEIGHTS_FILE} "
                                 f"and {TOKENIZER_FILE}")
-    meta = json.loads(path.read_text())
+    meta = json.loads(storage.read_text(path))
     return PaLIConfig.from_dict(meta["model"] if "model" in meta else meta)
 
 
@@ -81,9 +137,10 @@ def load_state(model: PaLI, state: dict[str, torch.Tensor], source: str = "check
 def load_pretrained(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None):
     """(PaLI, Tokenizer) from a serving checkpoint directory; a missing file is an error naming it."""
+    from pali import storage
     from pali.tokenizer import Tokenizer
 
-    ckpt = Path(ckpt_dir)
+    ckpt = storage.local_checkpoint(ckpt_dir)  # a URI is read from a cached local copy
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
     cfg = load_config(ckpt)

@@ -60,11 +60,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load a serialized sentencepiece `.model` file."""
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"tokenizer model {str(p)!r} does not exist; expected a sentencepiece .model")
-        return cls(p.read_bytes())
+        """Load a serialized sentencepiece `.model` file (a local path or an object-storage URI)."""
+        from pali import storage
+
+        if not storage.exists(path):
+            raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist; expected a sentencepiece .model")
+        return cls(storage.read_bytes(path))
 
     @classmethod
     def from_proto(cls, model_proto: bytes) -> Tokenizer:

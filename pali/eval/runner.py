@@ -58,12 +58,13 @@ def check_checkpoint(checkpoint: str) -> dict[str, Any]:
     """
     from safetensors import safe_open
 
+    from pali import storage
     from pali.factory import create_model
     from pali.serving_checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_config
     from pali.tokenizer import Tokenizer
 
-    ckpt = Path(checkpoint)
     try:
+        ckpt = storage.local_checkpoint(checkpoint)  # a URI is checked on its cached local copy
         if not ckpt.is_dir():
             raise FileNotFoundError(f"{ckpt} is not a directory")
         cfg = load_config(ckpt)

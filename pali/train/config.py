@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -16,7 +18,8 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """Overrides of the preset, e.g. {"vision__image_size": 448} or {"freeze_vision": True}."""
     init_from: str | None = None
-    """Serving checkpoint to start from (e.g. an imported model, or the 224 px phase for the high-res phase)."""
+    """Serving checkpoint to start from, local or s3://... (an imported model, or the 224 px phase for the
+    high-res phase); each worker reads only its slices of it."""
     vision_pretrain_steps: int = 3000
     """Steps of the vision stage before the main phase: a model trained from scratch (no `init_from`)
     first trains its tower to classify the training shards' `image_labels`, then keeps it frozen (unless
@@ -92,7 +95,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Sharded checkpoints kept by Ray Train."""
     output_dir: str = "runs/pali-tiny"
-    """Run directory (Ray storage path, metrics, plots, final serving checkpoint)."""
+    """Run directory, local or s3://... (Ray storage path, metrics, plots, final serving checkpoint)."""
     name: str = "pretrain"
     """Run name under the storage path; rerunning with the same name resumes."""
     storage_path: str | None = None
@@ -101,10 +104,6 @@ class TrainConfig:
     """Worker-group restarts from the latest checkpoint before the run fails."""
     eval_examples: int = 64
     """Held-out examples for the end-of-run loss and samples."""
-    step_delay_s: float = 0.0
-    """Testing aid: sleep this long after every step (stretches a tiny run so a cluster can resize under it)."""
-    fail_at_step: int | None = None
-    """Testing aid: rank 1 exits abruptly at this step in the first attempt (fault-tolerance tests)."""
 
     @property
     def elastic(self) -> bool:
@@ -133,14 +132,23 @@ class TrainConfig:
             raise ValueError(f"global batch {self.global_batch} does not split evenly over the data-parallel "
                              f"ranks of world sizes {uneven} in [{lo}, {hi}] (dp = world / (tp*pp = {mp})); pick "
                              f"a global batch divisible by every dp in the range, or narrow the range")
-        for name in ("output_dir", "init_from", "tokenizer"):
+        for name in ("output_dir", "init_from", "tokenizer", "storage_path"):
             value = getattr(self, name)
-            if value and "://" in value:  # Path("s3://b/o") is the local directory "s3:/b/o": refuse, do not
-                raise ValueError(f"{name} {value!r} is a URI; it must be a local or shared-filesystem (NFS) "
-                                 f"path for now (checkpoints can go to object storage with storage_path)")
+            if value and "://" in value and not value.split("://", 1)[1].strip("/"):
+                raise ValueError(f"{name} {value!r} names no bucket or path")
         if not self.vision_lr_mult > 0:
             raise ValueError(f"vision_lr_mult must be > 0; got {self.vision_lr_mult} (freeze the tower with "
                              "freeze_vision instead)")
+
+    def local_output_dir(self) -> Path:
+        """Where the driver writes the run's files: `output_dir` itself, or, when that is on object storage,
+        a local mirror under the cache (`PALI_CACHE_DIR`, default ~/.cache/pali) that is copied to it."""
+        from pali import storage
+
+        if not storage.is_uri(self.output_dir):
+            return Path(self.output_dir)
+        key = hashlib.sha256(self.output_dir.encode()).hexdigest()[:12]
+        return storage.cache_root() / "runs" / f"{self.name}-{key}"
 
     def worker_range(self) -> tuple[int, int]:
         """(fewest, most) workers Ray Train may run the group with (equal when not elastic)."""

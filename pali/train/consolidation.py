@@ -5,51 +5,86 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+import torch
 
 from pali.config import PaLIConfig
 from pali.train.config import TrainConfig
 
 
 def init_state(cfg: TrainConfig, mcfg: PaLIConfig) -> str:
-    """Weights file the workers start from when `init_from` is set (no training checkpoint yet).
+    """The weights file the workers start from when `init_from` is set (no training checkpoint yet).
 
-    A run at another resolution than the init checkpoint (PaLI's high-res phase) gets the position
-    embeddings interpolated here, once, so every worker slices the same tensors.
+    Only its header is read here (local or on object storage): each worker reads its own slices of it
+    (`init_mapping`), and a run at another resolution (PaLI's high-res phase) gets the position
+    embeddings interpolated where that tensor is loaded, not through a full copy on the driver.
     """
-    from safetensors.torch import save_file
+    from pali import storage
+    from pali.serving_checkpoint import WEIGHTS_FILE, load_config
 
-    from pali.serving_checkpoint import load_pretrained
-
-    src = Path(cfg.init_from).resolve() / "model.safetensors"
-    model, _ = load_pretrained(cfg.init_from)
-    if model.cfg.vision.image_size == mcfg.vision.image_size:
-        return str(src)
-    old = model.cfg.vision.image_size
-    model.set_image_size(mcfg.vision.image_size)
-    out = Path(cfg.output_dir) / f"init-{mcfg.vision.image_size}px.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
-    print(f"[pali] position embeddings interpolated {old} px -> {mcfg.vision.image_size} px")
-    return str(out)
+    src = storage.join(cfg.init_from, WEIGHTS_FILE)
+    storage.TensorFile(src)  # exists and is a safetensors file (a clear error here, not on every worker)
+    old = load_config(cfg.init_from).vision.image_size
+    if old != mcfg.vision.image_size:
+        print(f"[pali] position embeddings interpolated {old} px -> {mcfg.vision.image_size} px as each worker "
+              f"loads them")
+    return src
 
 
-def consolidate(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+class ResizedPositions(Mapping):
+    """A read-on-access state whose vision position embeddings are resized, when loaded, to `cfg`'s grid.
+
+    Wraps an init state saved at another image size (PaLI's high-res phase): every other tensor passes
+    through unchanged; `vision_tower.pos_embed` is interpolated bicubically (`interpolate_pos_embed`).
+    """
+
+    def __init__(self, state: Mapping[str, torch.Tensor], cfg: PaLIConfig):
+        self.state, self.cfg = state, cfg
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.state[name]
+        if name.startswith("vision_tower.") and name.endswith("pos_embed"):
+            from pali.models.vit import interpolate_pos_embed
+
+            v = self.cfg.vision
+            grid = v.image_size // v.patch_size
+            if t.shape[1] != grid * grid + int(v.class_token):
+                t = interpolate_pos_embed(t, v.class_token, grid)
+        return t
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.state
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def init_mapping(path: str, cfg: PaLIConfig) -> Mapping[str, torch.Tensor]:
+    """The init state at `path` (local or URI) as workers read it: tensor by tensor, resized to `cfg`."""
+    from pali import storage
+
+    return ResizedPositions(storage.TensorFile(path), cfg)
+
+
+def consolidate(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> str | Path:
     """Merge a sharded training checkpoint into a serving checkpoint (config.json, model.safetensors,
-    tokenizer.model), written atomically."""
-    from pali.factory import create_model
-    from pali.serving_checkpoint import load_state, save_pretrained
+    tokenizer.model) at `out_dir` (local or a URI), streamed one tensor at a time: no process holds more
+    than the largest tensor's shards."""
+    from pali.serving_checkpoint import save_streamed
     from pali.tokenizer import Tokenizer
-    from pali.train.sharded_checkpoint import load_full
+    from pali.train.sharded_checkpoint import LazyShardedState
 
-    full = load_full(ckpt_dir, with_optimizer=False)
-    mcfg = PaLIConfig.from_dict(full["meta"]["model"])
-    model = create_model(mcfg, device="meta")
-    load_state(model, full["model"], source=str(ckpt_dir))
+    state = LazyShardedState(ckpt_dir)
+    mcfg = PaLIConfig.from_dict(state.meta["model"])
     if tokenizer is None:
         tokenizer = Tokenizer.load(Path(ckpt_dir) / "tokenizer.model")
-    extra = {"training": {"step": full["meta"]["step"], "layout": full["meta"]["layout"]}}
-    return save_pretrained(model, tokenizer, out_dir, extra=extra)
+    extra = {"training": {"step": state.meta["step"], "layout": state.meta["layout"]}}
+    return save_streamed(state, mcfg, tokenizer, out_dir, extra=extra)
 
 
 def write_summary(path: str | os.PathLike, summary: dict) -> None:

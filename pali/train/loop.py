@@ -8,10 +8,10 @@ of its replica, so TP/PP ranks see the same examples.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -194,16 +194,38 @@ def _replica_groups(world: int, mp: int):
     return groups
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (runs on every worker)."""
+@dataclass
+class _Worker:
+    """This rank's place in the run: configs, ranks, layout, device and batch split."""
+
+    config: dict[str, Any]
+    cfg: TrainConfig
+    mcfg: PaLIConfig
+    world: int
+    rank: int
+    grid: Any
+    device: torch.device
+    per_rank: int
+    n_micro: int
+
+
+@dataclass
+class _Training:
+    """What the steps update: the engine, its optimizer and schedule, and where the run resumes."""
+
+    engine: Any
+    opt: Any
+    sched: Any
+    named: list
+    start_step: int
+    data_state: Any
+
+
+def setup_worker(config: dict[str, Any]) -> _Worker:
+    """Configs, the DP x PP x TP grid over the Ray Train group, threads, device and the batch split."""
     import ray.train
 
-    from pali.data.prompts import TASKS
-    from pali.parallel import Grid, build_engine
-    from pali.train import sharded_checkpoint as ck
-    from pali.train.data_order import DataState, gather_reports
-    from pali.train.metrics import MetricsLogger, peak_flops
-    from pali.train.optim import build_optimizer, build_scheduler
+    from pali.parallel import Grid
 
     cfg = TrainConfig.from_dict(config["train"])
     mcfg = PaLIConfig.from_dict(config["model"])
@@ -217,31 +239,54 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     grid = Grid.init(dp=world // mp, pp=cfg.pp, tp=cfg.tp)
     per_rank, n_micro = cfg.microbatches(grid.dp)
     torch.manual_seed(cfg.seed + rank)
+    return _Worker(config, cfg, mcfg, world, rank, grid, device, per_rank, n_micro)
 
-    # --- state: latest checkpoint of this run, else an init checkpoint, else a seeded init ---
-    # Tensors are read lazily, one at a time, and sliced for this rank: no process holds the whole model.
-    stack = contextlib.ExitStack()  # keeps the checkpoint directory while tensors are read
-    chosen = resume_checkpoint(ray.train.get_checkpoint(), config.get("run_dir"), stack,
-                               Path(cfg.output_dir) / "events.log" if rank == 0 else None)
-    loaded, start_step, data_state = None, 0, DataState()
+
+def initial_state(w: _Worker, outputs) -> tuple[Any, Any, contextlib.ExitStack]:
+    """(read-on-access weights to build the engine from, the checkpoint resumed from or None, the stack
+    keeping its directory open): the latest complete checkpoint of this run, else the init checkpoint
+    (`init_from`), else the vision stage's tower with a seeded init, else None (a seeded init).
+
+    Tensors are read lazily, one at a time, and sliced for this rank: no process holds the whole model.
+    """
+    import ray.train
+
+    from pali.train import sharded_checkpoint as ck
+
+    stack = contextlib.ExitStack()
+    chosen = resume_checkpoint(ray.train.get_checkpoint(), w.config.get("run_dir"), stack,
+                               outputs.local / "events.log" if w.rank == 0 else None)
     if chosen is not None:
         loaded = ck.LazyShardedState(chosen)
-        start_step = int(loaded.meta["step"])
-        data_state = DataState.from_dict(loaded.meta["data_state"]) if "data_state" in loaded.meta else \
-            DataState(int(loaded.meta.get("data_position", 0)))  # a checkpoint of an older release
-        full_state = loaded
-    elif config.get("init_state_path"):
-        full_state = ck.LazyTensorFile(config["init_state_path"])
-    elif config.get("vision_weights") is not None:  # the vision stage's tower, the seeded init elsewhere
+        return loaded, loaded, stack
+    if w.config.get("init_state_path"):
+        from pali.train.consolidation import init_mapping
+
+        return init_mapping(w.config["init_state_path"], w.mcfg), None, stack
+    if w.config.get("vision_weights") is not None:  # the vision stage's tower, the seeded init elsewhere
         from safetensors.torch import load
 
         from pali.train.vision import SeededState
 
-        full_state = SeededState(mcfg, cfg.seed, load(ray.get(config["vision_weights"])))
-    else:
-        full_state = None
-    engine = build_engine(mcfg, grid, full_state, seed=cfg.seed, dp_mode=cfg.dp_mode, schedule=cfg.pp_schedule,
-                          num_microbatches=n_micro, device=device,
+        return SeededState(w.mcfg, w.cfg.seed, load(ray.get(w.config["vision_weights"]))), None, stack
+    return None, None, stack
+
+
+def build_training(w: _Worker, outputs) -> _Training:
+    """The engine over this rank's slices, its optimizer and schedule, restored from a checkpoint if any."""
+    from pali.parallel import build_engine
+    from pali.train.data_order import DataState
+    from pali.train.optim import build_optimizer, build_scheduler
+
+    cfg = w.cfg
+    full_state, loaded, stack = initial_state(w, outputs)
+    start_step, data_state = 0, DataState()
+    if loaded is not None:
+        start_step = int(loaded.meta["step"])
+        data_state = DataState.from_dict(loaded.meta["data_state"]) if "data_state" in loaded.meta else \
+            DataState(int(loaded.meta.get("data_position", 0)))  # a checkpoint of an older release
+    engine = build_engine(w.mcfg, w.grid, full_state, seed=cfg.seed, dp_mode=cfg.dp_mode, schedule=cfg.pp_schedule,
+                          num_microbatches=w.n_micro, device=w.device,
                           autocast_dtype=torch.bfloat16 if cfg.use_gpu else None,
                           activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                           trim_padding=cfg.trim_padding)
@@ -249,47 +294,59 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = build_optimizer(named, cfg)
     sched = build_scheduler(opt, cfg)
     if loaded is not None:
-        restore_training_state(loaded, engine, opt, sched, named, grid, rank, start_step, cfg.optimizer)
-        del loaded
+        restore_training_state(loaded, engine, opt, sched, named, w.grid, w.rank, start_step, cfg.optimizer)
+    del loaded, full_state
     stack.close()
+    return _Training(engine, opt, sched, named, start_step, data_state)
 
-    stream, feeder = build_feeder(config, cfg, mcfg, grid, world, per_rank, start_step, data_state)
 
-    # --- loop ---
-    out_dir = Path(cfg.output_dir)
-    log = MetricsLogger(out_dir, enabled=(rank == 0))
-    tasks = list(TASKS)
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (runs on every worker): set up, restore, then run the steps."""
+    from pali.train.outputs import RunOutputs
+
+    w = setup_worker(config)
+    outputs = RunOutputs(w.cfg.output_dir, w.rank)
+    t = build_training(w, outputs)
+    stream, feeder = build_feeder(config, w.cfg, w.mcfg, w.grid, w.world, w.per_rank, t.start_step, t.data_state)
+    run_steps(w, t, stream, feeder, outputs)
+    outputs.close()
+    w.grid.destroy()
+
+
+def run_steps(w: _Worker, t: _Training, stream, feeder, outputs) -> None:
+    """Steps `start_step .. steps-1`: train, log every `log_every`, checkpoint every `checkpoint_every`."""
+    from pali.data.prompts import TASKS
     from pali.models.pali import flops_per_example
+    from pali.train.data_order import gather_reports
+    from pali.train.hooks import StepInfo, load_step_hooks
+    from pali.train.metrics import MetricsLogger, peak_flops
 
-    peak = peak_flops(cfg.use_gpu, world)
+    cfg, rank, engine = w.cfg, w.rank, t.engine
+    log = MetricsLogger(outputs.local, enabled=(rank == 0))
+    tasks = list(TASKS)
+    hooks = load_step_hooks()
+    peak = peak_flops(cfg.use_gpu, w.world)
     bar = None
     if rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="pretrain", unit="step", mininterval=2.0)
+        bar = tqdm(total=cfg.steps, initial=t.start_step, desc="pretrain", unit="step", mininterval=2.0)
     acc = _Accumulator(len(tasks))
     engine.train()
-    for step in range(start_step, cfg.steps):
-        if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == min(1, world - 1):
-            marker = out_dir / ".injected_failure"
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(f"rank {rank} killed at step {step}\n")
-                print(f"[pali] injected failure: rank {rank} exits at step {step}", flush=True)
-                os._exit(1)
+    for step in range(t.start_step, cfg.steps):
+        for hook in hooks:
+            hook(StepInfo(step, rank, w.world, outputs.local))
         t0 = time.perf_counter()
         batch = feeder.next()
         t_data = time.perf_counter() - t0
-        inputs = {k: batch[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask", "labels",
-                                                   "image_mask")}
+        inputs = {k: batch[k].to(w.device) for k in ("pixel_values", "input_ids", "attention_mask", "labels",
+                                                     "image_mask")}
         res = engine.train_step(inputs)
         gnorm = engine.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
-        opt.step()
-        sched.step()
+        t.opt.step()
+        t.sched.step()
         engine.zero_grad()
         dt = time.perf_counter() - t0
-        if cfg.step_delay_s:
-            time.sleep(cfg.step_delay_s)
         # Per-task sums from this replica's reading rank, summed over the world (others add zeros).
         acc.add(res, batch["task_id"], batch["input_ids"], batch["image_mask"], stream is not None, dt, t_data,
                 float(gnorm))
@@ -300,19 +357,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if (step + 1) % cfg.log_every == 0 or last:
             rec = acc.reduce(tasks)
             # MFU from the FLOPs formula at the batch's real (unpadded) prompt and target lengths.
-            flops = flops_per_example(mcfg, int(rec.pop("_prompt_len")), int(rec.pop("_target_len")))
+            flops = flops_per_example(w.mcfg, int(rec.pop("_prompt_len")), int(rec.pop("_target_len")))
             rec["mfu"] = flops * rec["examples_per_s"] / peak
-            rec["lr"] = sched.get_last_lr()[0]
-            rec["dp"] = grid.dp
-            rec["global_batch"] = per_rank * grid.dp
+            rec["lr"] = t.sched.get_last_lr()[0]
+            rec["dp"] = w.grid.dp
+            rec["global_batch"] = w.per_rank * w.grid.dp
             log.log(step + 1, rec)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            save_and_report(step + 1, float(res.loss), data_state.advance(gather_reports(stream, world, rank)),
-                            engine, opt, named, grid, world, rank, cfg, mcfg, config["tokenizer_bytes"])
+            save_and_report(step + 1, float(res.loss), t.data_state.advance(gather_reports(stream, w.world, rank)),
+                            engine, t.opt, t.named, w.grid, w.world, rank, cfg, w.mcfg,
+                            w.config["tokenizer_bytes"])
+            outputs.sync()
     if bar is not None:
         bar.close()
     log.close()
-    grid.destroy()
 
 
 class _Accumulator:

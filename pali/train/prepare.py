@@ -60,7 +60,7 @@ def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
         tok = Tokenizer.load(Path(cfg.init_from) / "tokenizer.model")
     else:
         vocab = get_preset(cfg.preset).with_overrides(**cfg.model_overrides).text.vocab_size
-        tok_path = Path(cfg.output_dir) / "tokenizer.model"
+        tok_path = cfg.local_output_dir() / "tokenizer.model"
         tok = Tokenizer.load(tok_path) if tok_path.is_file() else \
             train_tokenizer_from_shards(shards, vocab, out_path=tok_path, seed=cfg.seed)
     mcfg = model_config(cfg, tok.vocab_size)

@@ -32,7 +32,7 @@ def vision_stage(cfg: TrainConfig, mcfg: PaLIConfig, shards: list[str], threads:
     except (FileNotFoundError, ValueError):
         eval_shards = []
     fingerprint = scfg.fingerprint(mcfg, shards)
-    out = Path(cfg.output_dir) / "vision"
+    out = cfg.local_output_dir() / "vision"
     weights_path, report_path = out / "tower.safetensors", out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     weights: bytes | None = None

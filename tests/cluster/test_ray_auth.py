@@ -120,8 +120,9 @@ def test_project_clusters_refuse_processes_without_the_token(tmp_path):
         [sys.executable, "-m", "jobs.pretrain", "--data", str(shards / "train"), "--eval-data", str(shards / "val"),
          "--steps", "400", "--global-batch", "4", "--micro-batch", "2", "--workers", "1",
          "--vision-pretrain-steps", "0", "--log-every", "1", "--checkpoint-every", "1000", "--no-eval",
-         "--step-delay", "0.5", "--num-cpus", "4", "--output-dir", str(tmp_path / "out")],
-        cwd=ROOT, env=_user_env(job_home, job_tmp), stdout=open(job_log, "w"), stderr=subprocess.STDOUT)
+         "--num-cpus", "4", "--output-dir", str(tmp_path / "out")],
+        cwd=ROOT, env={**_user_env(job_home, job_tmp), "PALI_STEP_HOOKS": "pali.testing.faults:slow_steps",
+                       "PALI_STEP_DELAY_S": "0.5"}, stdout=open(job_log, "w"), stderr=subprocess.STDOUT)
     # `python -m serve` on its own local Ray, likewise.
     serve_home, serve_tmp = tmp_path / "serve-home", tempfile.mkdtemp(prefix="ps-", dir="/tmp")
     serve_home.mkdir()

@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+SLOW_STEPS = {"PALI_STEP_HOOKS": "pali.testing.faults:slow_steps", "PALI_STEP_DELAY_S": "0.3"}
+"""Step hook: 0.3 s per step, so the cluster can resize under a tiny run."""
+
+
 def _args(shards: Path, out: Path, steps: int, **extra) -> list[str]:
     args = ["--data", str(shards / "train"), "--eval-data", str(shards / "val"), "--steps", str(steps),
             "--global-batch", "8", "--micro-batch", "4", "--warmup-steps", "2", "--output-dir", str(out),
@@ -75,11 +79,11 @@ def test_elastic_run_grows_and_shrinks_with_constant_global_batch(train_shards, 
         cluster.add_node(num_cpus=1, resources={"trainer_slot": 1})
         cluster.wait_for_nodes(2)
         log = open(tmp_path / "driver.log", "w")
-        env = {**os.environ, "RAY_ADDRESS": cluster.address, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "RAY_ADDRESS": cluster.address, "OMP_NUM_THREADS": "1", **SLOW_STEPS}
         proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.pretrain",
              *_args(train_shards, out, 3000, checkpoint_every=3, min_workers=1, max_workers=2, max_failures=6,
-                    step_delay=0.3, worker_resources=json.dumps({"trainer_slot": 1}))],
+                    worker_resources=json.dumps({"trainer_slot": 1}))],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait(lambda: _dps(metrics).count(1) >= 3, 300, "three steps on 1 worker", proc)

@@ -68,8 +68,15 @@ def test_train_checkpoint_resume_consolidate(ray_cluster, train_shards, tmp_path
     assert not torch.equal(trained["projector.weight"], init["projector.weight"])  # the main phase trained
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, train_shards, tmp_path):
-    cfg = _cfg(train_shards, tmp_path / "run", steps=6, fail_at_step=3, name="faulty")
+def _kill_a_worker_at(monkeypatch, step: int) -> None:
+    """Install the fault hook: rank 1 (or 0 alone) exits abruptly before `step` (0-based), once."""
+    monkeypatch.setenv("PALI_STEP_HOOKS", "pali.testing.faults:exit_once")
+    monkeypatch.setenv("PALI_FAULT_STEP", str(step))
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, train_shards, tmp_path, monkeypatch):
+    cfg = _cfg(train_shards, tmp_path / "run", steps=6, name="faulty")
+    _kill_a_worker_at(monkeypatch, 3)
     result, _, _ = fit(cfg)
     assert (tmp_path / "run" / ".injected_failure").exists(), "the failure was not injected"
     assert result.error is None and result.metrics["step"] == 6
@@ -101,7 +108,8 @@ def test_checkpoint_reshards_from_tp2_dp2_to_tp1(ray_cluster, train_shards, tmp_
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_interrupted_run_trains_exactly_the_uninterrupted_runs_weights(ray_cluster, train_shards, tmp_path, capsys):
+def test_interrupted_run_trains_exactly_the_uninterrupted_runs_weights(ray_cluster, train_shards, tmp_path, capsys,
+                                                                       monkeypatch):
     """One replica, fp32 on CPU: a run continued with a larger --steps, killed mid-way and finally resumed
     past a truncated checkpoint ends with the uninterrupted run's weights bit for bit (the data order,
     the optimizer, the schedule and the RNG all continue exactly). 20 steps of 8 examples cross the
@@ -112,9 +120,12 @@ def test_interrupted_run_trains_exactly_the_uninterrupted_runs_weights(ray_clust
     assert whole.error is None and whole.metrics["step"] == 20
 
     out = tmp_path / "pieces"
-    for steps, extra in ((7, {}), (14, {"fail_at_step": 10})):
-        res, _, _ = fit(_cfg(train_shards, out, steps=steps, name="pieces", **common, **extra))
+    for steps, fault in ((7, False), (14, True)):
+        if fault:
+            _kill_a_worker_at(monkeypatch, 10)
+        res, _, _ = fit(_cfg(train_shards, out, steps=steps, name="pieces", **common))
         assert res.error is None and res.metrics["step"] == steps
+    monkeypatch.delenv("PALI_STEP_HOOKS")
     assert (out / ".injected_failure").exists(), "the failure was not injected"
     latest = latest_complete(run_dir(_cfg(train_shards, out, name="pieces")))
     meta = read_meta(latest)

@@ -180,8 +180,7 @@ def test_pretrain_flags_are_derived_from_train_config_fields():
         if f.name == "model_overrides":
             continue
         assert f.name in actions, f"TrainConfig.{f.name} has no flag"
-        if f.name not in ("step_delay_s", "fail_at_step"):
-            assert actions[f.name].help == docs[f.name] and docs[f.name], f.name
+        assert actions[f.name].help == docs[f.name] and docs[f.name], f.name
     assert parse_args([])[0] == TrainConfig()
     cfg, _ = parse_args(["--min-lr-ratio", "0.2", "--no-trim-padding", "--task-weights", '{"ocr": 1}',
                          "--data", "a", "b", "--schedule", "cosine", "--keep-checkpoints", "5", "--image-size", "64"])
@@ -208,9 +207,15 @@ def test_elastic_ranges_that_cannot_keep_the_global_batch_are_refused_naming_the
     assert TrainConfig(min_workers=2).worker_range() == (2, 2) and TrainConfig(max_workers=3).worker_range() == (1, 3)
 
 
-def test_object_store_output_dir_is_refused_instead_of_written_to_a_local_s3_folder():
-    with pytest.raises(ValueError, match=r"output_dir 's3://bucket/out' is a URI"):
-        TrainConfig(output_dir="s3://bucket/out").validate()
-    with pytest.raises(ValueError, match="init_from 'gs://b/ckpt' is a URI"):
-        TrainConfig(init_from="gs://b/ckpt").validate()
-    TrainConfig(storage_path="s3://bucket/ckpts").validate()  # Ray Train's checkpoints may live there
+def test_object_store_paths_stay_uris_and_never_become_local_s3_folders(tmp_path, monkeypatch):
+    from pali.train.trainer import run_dir, storage_path
+
+    monkeypatch.setenv("PALI_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = TrainConfig(output_dir="s3://bucket/out", init_from="gs://b/ckpt", name="r")
+    cfg.validate()
+    assert storage_path(cfg) == "s3://bucket/out/ray" and run_dir(cfg) == "s3://bucket/out/ray/r"
+    local = cfg.local_output_dir()  # the driver's mirror is under the cache, never a folder named "s3:"
+    assert local.is_relative_to(tmp_path / "cache") and "s3:" not in str(local)
+    assert TrainConfig(output_dir="s3://other/out", name="r").local_output_dir() != local
+    with pytest.raises(ValueError, match="names no bucket"):
+        TrainConfig(output_dir="s3://").validate()
