@@ -55,6 +55,13 @@ def storage_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(STORAGE_ENV_PREFIXES)}
 
 
+def remote_args() -> dict:
+    """Ray remote options that hand this process's object-storage settings to tasks and actors
+    (`ray_remote_args` of a Ray Data operator); empty when none are set."""
+    env = storage_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def exists(path: str | os.PathLike) -> bool:
     """Whether a file or directory exists at `path`."""
     fs, p = filesystem_for(path)

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image
 
+from pali import storage
 from pali.data.prompts import SUPPORTED_LANGS, TASKS, check_task, prompt_templates
 from pali.data.schema import SHARD_SUFFIXES, filesystem_for, iter_rows, read_shard
 from pali.data.tasks import (
@@ -338,7 +339,7 @@ def _build(cfg: DataConfig, tokenizer: Tokenizer, shards: Sequence[str] | None, 
     items = [{"path": p, "shard_index": i} for i, p in enumerate(shards)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_op(langs, stats), batch_size=1, batch_format="numpy",
-                        num_cpus=cfg.num_cpus_per_task)
+                        num_cpus=cfg.num_cpus_per_task, **storage.remote_args())
     ds = ds.map_batches(_process_op(cfg, tokenizer, stats, eval_tasks), batch_size=cfg.map_batch_size,
                         batch_format="numpy", num_cpus=cfg.num_cpus_per_task)
     ds.pali_stats = stats  # the counters travel with this Dataset object (not with derived ones)

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from pali import storage
+
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS: tuple[str, ...] = ("id", "lang", "task", "prompt", "prediction", "references", "error")
@@ -125,7 +127,7 @@ def predict(shards: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | 
     from pali.serving_checkpoint import TOKENIZER_FILE, load_config
     from pali.tokenizer import Tokenizer
 
-    checkpoint = os.path.abspath(cfg.checkpoint)
+    checkpoint = cfg.checkpoint if storage.is_uri(cfg.checkpoint) else os.path.abspath(cfg.checkpoint)
     model_cfg = load_config(checkpoint)
     tokenizer = Tokenizer.load(os.path.join(checkpoint, TOKENIZER_FILE))
     data_cfg = DataConfig.for_model(model_cfg, langs=list(langs) if langs else None,
@@ -149,6 +151,7 @@ def predict(shards: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | 
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         **resources,
+        **storage.remote_args(),  # actors read a checkpoint on object storage with the caller's settings
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         yield [{"id": str(batch["id"][i]), "lang": str(batch["lang"][i]), "task": str(batch["task"][i]),

@@ -63,6 +63,7 @@ def check_checkpoint(checkpoint: str) -> dict[str, Any]:
     from pali.serving_checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_config
     from pali.tokenizer import Tokenizer
 
+    ckpt = checkpoint
     try:
         ckpt = storage.local_checkpoint(checkpoint)  # a URI is checked on its cached local copy
         if not ckpt.is_dir():

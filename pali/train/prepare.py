@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pali import storage
 from pali.config import PaLIConfig, get_preset
 from pali.train.config import TrainConfig
 
@@ -57,7 +58,7 @@ def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
     if cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
     elif cfg.init_from:
-        tok = Tokenizer.load(Path(cfg.init_from) / "tokenizer.model")
+        tok = Tokenizer.load(storage.join(cfg.init_from, "tokenizer.model"))
     else:
         vocab = get_preset(cfg.preset).with_overrides(**cfg.model_overrides).text.vocab_size
         tok_path = cfg.local_output_dir() / "tokenizer.model"
