@@ -43,6 +43,22 @@ def shard_at(shards: list[str], g: int, seed: int) -> str:
     return shard_order(shards, g // n, seed)[g % n]
 
 
+class ShardOrder:
+    """`shard_at` for many positions: the permutation of the epoch last asked for is kept, so looking up
+    a stream of positions costs O(1) each (plus one O(n) permutation per epoch), at any shard count."""
+
+    def __init__(self, shards: list[str], seed: int):
+        self.shards, self.seed = shards, seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def __call__(self, g: int) -> str:
+        n = len(self.shards)
+        epoch = g // n
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.RandomState(self.seed + 7919 * epoch).permutation(n)
+        return self.shards[int(self._perm[g % n])]
+
+
 @dataclass
 class DataState:
     """How far the run has read the shard stream (saved in every checkpoint's meta as `data_state`)."""
@@ -111,6 +127,7 @@ class ReplicaStream:
     def __init__(self, state: DataState, dp: int, replica: int, shards: list[str], seed: int, per_rank: int,
                  read: Callable[[list[str]], Iterator[Batch]], chunk: int = 16):
         self.shards, self.seed, self.n, self.read, self.chunk = shards, seed, per_rank, read, max(1, chunk)
+        self._shard_at = ShardOrder(shards, seed)
         self._dealt = state.deal(dp, replica)
         self.started: list[int] = []
         """Positions this replica has trained on (in order) since the group started; the last is current."""
@@ -133,7 +150,7 @@ class ReplicaStream:
             self._done_before.update({g: s for g, s in todo if s})
             self._order.extend(g for g, _ in todo)
             got = False
-            for b in self.read([shard_at(self.shards, g, self.seed) for g, _ in todo]):
+            for b in self.read([self._shard_at(g) for g, _ in todo]):
                 g = positions[b.pop("shard_index").long()]
                 keep = self._keep(g)
                 if keep is not None:
@@ -184,9 +201,20 @@ class ReplicaStream:
             self.count += 1
 
     def report(self) -> tuple[list[int], int]:
-        """(positions started since the group started, in order: all but the last are finished; examples
-        of the last trained on) — what `DataState.advance` takes."""
+        """(positions started since the last `compact` (or the group's start), in order: all but the last
+        are finished; examples of the last trained on) — what `DataState.advance` takes."""
         return list(self.started), self.count
+
+    def compact(self) -> None:
+        """Forget the finished shards once a checkpoint recorded them (`DataState.advance` of this report):
+        what the stream keeps stays bounded by the shards in flight, however long the run."""
+        cur = len(self.started) and self._next - 1  # index in _order of the shard being read, if any
+        self._order = self._order[cur:]
+        self._next -= cur
+        self.started = self.started[-1:]
+        live = set(self._order)
+        self._skip = {g: n for g, n in self._skip.items() if g in live}
+        self._done_before = {g: n for g, n in self._done_before.items() if g in live}
 
 
 def gather_reports(stream: ReplicaStream | None, world: int, rank: int) -> list[tuple[list[int], int]]:

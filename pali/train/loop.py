@@ -364,9 +364,12 @@ def run_steps(w: _Worker, t: _Training, stream, feeder, outputs) -> None:
             rec["global_batch"] = w.per_rank * w.grid.dp
             log.log(step + 1, rec)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            save_and_report(step + 1, float(res.loss), t.data_state.advance(gather_reports(stream, w.world, rank)),
-                            engine, t.opt, t.named, w.grid, w.world, rank, cfg, w.mcfg,
-                            w.config["tokenizer_bytes"])
+            # The checkpoint's data state; the stream then forgets what it records (bounded at any length).
+            t.data_state = t.data_state.advance(gather_reports(stream, w.world, rank))
+            if stream is not None:
+                stream.compact()
+            save_and_report(step + 1, float(res.loss), t.data_state, engine, t.opt, t.named, w.grid, w.world,
+                            rank, cfg, w.mcfg, w.config["tokenizer_bytes"])
             outputs.sync()
     if bar is not None:
         bar.close()
