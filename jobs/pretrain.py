@@ -84,7 +84,10 @@ def init_ray(address: str | None, num_cpus: int, no_auth: bool = False) -> None:
         from cluster.auth import use_in_this_process
 
         use_in_this_process(no_auth_flag=no_auth)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+        # The dashboard (on 127.0.0.1, behind the token) serves Ray's State API, which Ray Train's
+        # placement-group cleaner polls: without it the cleaner warns every few seconds for the whole run.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
