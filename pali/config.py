@@ -37,13 +37,23 @@ class VisionConfig:
     """MLP activation: exact GELU (original ViT) or its tanh approximation (SigLIP)."""
     class_token: bool = False
     """Prepend a learned class token (original ViT layout); PaLI uses every token, no pooling."""
-    layout: Literal["vit", "siglip"] = "siglip"
-    """Which checkpoint layout the tower imports from / exports to."""
+    layout: Literal["vit", "siglip", "siglip2"] = "siglip"
+    """Which checkpoint layout the tower imports from / exports to (siglip2: `Siglip2VisionModel`, NaFlex)."""
+    naflex: bool = False
+    """SigLIP 2 NaFlex: images keep their aspect ratio, as up to `max_num_patches` patches (pali.models.naflex);
+    `image_size` then only sets the square grid of position embeddings that is resized to each image."""
+    max_num_patches: int = 256
+    """NaFlex patch budget per image (SigLIP 2's `max_num_patches`): the visual sequence length."""
+
+    @property
+    def pos_grid(self) -> int:
+        """Side of the square grid of learned position embeddings (image_size / patch_size)."""
+        return self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
-        """Patch tokens per image at `image_size`."""
-        return (self.image_size // self.patch_size) ** 2
+        """Patch tokens per image: at `image_size`, or the NaFlex budget (padding included)."""
+        return self.max_num_patches if self.naflex else self.pos_grid ** 2
 
     @property
     def num_tokens(self) -> int:
