@@ -141,6 +141,14 @@ def preprocess(image: bytes | Image.Image, patch_size: int, max_num_patches: int
     return pack(patchify(t, patch_size), grid, max_num_patches).numpy()
 
 
+def blank_like(pixels: np.ndarray) -> np.ndarray:
+    """The pixels of a text-only example: zeros, keeping a packed image's header (a valid grid)."""
+    out = np.zeros_like(pixels)
+    if pixels.ndim == 2:  # packed float[1 + N, p*p*C]
+        out[0] = pixels[0]
+    return out
+
+
 def pack_images(images: torch.Tensor | Sequence[torch.Tensor], patch_size: int, max_num_patches: int
                 ) -> torch.Tensor:
     """Normalised images float[C, H, W] (sides multiples of patch_size, sizes may differ) -> one packed

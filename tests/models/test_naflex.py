@@ -172,3 +172,32 @@ def test_naflex_config_shapes():
     v = model.cfg.vision
     assert v.num_tokens == 18 and v.pos_grid == 3 and model.vision_tower.pos_embed.shape == (1, 9, 96)
     assert model.flops_per_example(7, 5) > 0
+
+
+def test_data_pipeline_keeps_the_aspect_ratio_and_the_model_reads_its_batches(tmp_path):
+    from pali.data.pipeline import DataConfig, collate, process_shard
+    from pali.data.schema import write_parquet_shard
+    from pali.tokenizer import Tokenizer
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i, (w, h) in enumerate([(200, 100), (60, 120), (90, 90)]):  # 2:1, 1:2, square
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        rows.append({"id": f"r{i}", "image": buf.getvalue(), "lang": "en", "text": "a red square on grass"})
+    path = write_parquet_shard(rows, str(tmp_path / "s.parquet"))
+    tok = Tokenizer.train(["a red square on grass", "a photo of a cat", "caption en"] * 30, vocab_size=400)
+    model = _naflex_pali().eval()
+    cfg = DataConfig.for_model(model.cfg, task_weights={"caption": 1.0})
+    assert (cfg.naflex_patch_size, cfg.max_num_patches) == (16, 18)
+    batch = process_shard(cfg, tok, path)
+    assert batch["pixel_values"].shape == (3, 19, 16 * 16 * 3)
+    assert naflex.unpack(torch.from_numpy(batch["pixel_values"]))[1].tolist() == [[3, 6], [6, 3], [4, 4]]
+    assert np.array_equal(batch["pixel_values"][0], naflex.preprocess(rows[0]["image"], 16, 18))
+    b = collate(batch)
+    with torch.no_grad():
+        out = model(pixel_values=b["pixel_values"], input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    labels=b["labels"])
+        assert torch.isfinite(out.loss)
+        ids = model.generate(b["pixel_values"], b["input_ids"], b["attention_mask"], max_new_tokens=4)
+    assert ids.shape[0] == 3
