@@ -245,6 +245,11 @@ PRESETS: dict[str, Any] = {
     "pali-3b": lambda: PaLIConfig(name="pali-3b", vision=vit("G/14", 224), text=mt5("large"), freeze_vision=True),
     "pali-15b": lambda: PaLIConfig(name="pali-15b", vision=vit("G/14", 224), text=mt5("xxl"), freeze_vision=True),
     "pali-17b": lambda: PaLIConfig(name="pali-17b", vision=vit("e/14", 224), text=mt5("xxl"), freeze_vision=True),
+    # SigLIP 2 So400m/16 NaFlex (siglip2-so400m-patch16-naflex: a 16x16 position grid, up to 256 patches at the
+    # image's own aspect ratio) with mT5-Large; import the tower with `jobs.import_hf --vision`.
+    "pali-so400m-naflex": lambda: PaLIConfig(
+        name="pali-so400m-naflex", text=mt5("large"), freeze_vision=True,
+        vision=vit("So400m/16", 256, naflex=True, layout="siglip2", max_num_patches=256)),
 }
 
 

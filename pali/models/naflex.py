@@ -149,6 +149,18 @@ def blank_like(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
+def image_input(vision_cfg, image: bytes | Image.Image, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
+    """One image as the tower of `vision_cfg` (a `VisionConfig`) reads it: packed NaFlex patches
+    float32[1 + N, p*p*3] (aspect ratio kept) for a NaFlex tower, else the square float32[3, S, S] of
+    `pali.data.pipeline.preprocess_image`. Stack a list of these for a batch."""
+    if vision_cfg.naflex:
+        return preprocess(image, vision_cfg.patch_size, vision_cfg.max_num_patches, mean, std)
+    from pali.data.pipeline import preprocess_image
+
+    return preprocess_image(image, vision_cfg.image_size, mean, std)
+
+
 def pack_images(images: torch.Tensor | Sequence[torch.Tensor], patch_size: int, max_num_patches: int
                 ) -> torch.Tensor:
     """Normalised images float[C, H, W] (sides multiples of patch_size, sizes may differ) -> one packed

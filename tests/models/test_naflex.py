@@ -201,3 +201,13 @@ def test_data_pipeline_keeps_the_aspect_ratio_and_the_model_reads_its_batches(tm
         assert torch.isfinite(out.loss)
         ids = model.generate(b["pixel_values"], b["input_ids"], b["attention_mask"], max_new_tokens=4)
     assert ids.shape[0] == 3
+
+
+def test_so400m_naflex_preset_is_siglip2_so400m_patch16_naflex():
+    from pali.hf import vision_config_from_hf
+
+    # the vision part of google/siglip2-so400m-patch16-naflex's config.json (preprocessor: 256 patches)
+    hub = {"model_type": "siglip2", "vision_config": {
+        "hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 27,
+        "num_patches": 256, "patch_size": 16, "model_type": "siglip2_vision_model"}}
+    assert get_preset("pali-so400m-naflex").vision == vision_config_from_hf(hub, max_num_patches=256)
