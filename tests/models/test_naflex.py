@@ -172,6 +172,10 @@ def test_naflex_config_shapes():
     v = model.cfg.vision
     assert v.num_tokens == 18 and v.pos_grid == 3 and model.vision_tower.pos_embed.shape == (1, 9, 96)
     assert model.flops_per_example(7, 5) > 0
+    from pali.train.loop import batch_shapes
+
+    # what non-reading ranks allocate equals what the pipeline delivers
+    assert batch_shapes(model.cfg, 2)["pixel_values"][0] == (2, *naflex.packed_shape(3, 16, 18)) == (2, 19, 768)
 
 
 def test_data_pipeline_keeps_the_aspect_ratio_and_the_model_reads_its_batches(tmp_path):
