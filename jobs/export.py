@@ -3,8 +3,10 @@
     python -m jobs.export --checkpoint CKPT --out DIR
 
 Writes DIR/text (T5 / mT5 layout: `MT5ForConditionalGeneration.from_pretrained(DIR/text)`, or
-`T5ForConditionalGeneration` for a tied T5 v1.0 head; with `spiece.model`), DIR/vision (`ViTModel` or
-`SiglipVisionModel`, the layout the tower came from), DIR/projector.safetensors and DIR/pali_config.json.
+`T5ForConditionalGeneration` for a tied T5 v1.0 head; with `spiece.model`), DIR/vision (`ViTModel`,
+`SiglipVisionModel` or `Siglip2VisionModel` with its preprocessor_config.json: the layout the tower came
+from; a PaliGemma tower exports as the `SiglipVisionModel` it is), DIR/projector.safetensors and
+DIR/pali_config.json.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
     python -m jobs.import_hf --text DIR --vision DIR --out CKPT [--image-size N]
 
 `--text` is a T5 / mT5 (`T5ForConditionalGeneration` / `MT5ForConditionalGeneration`) directory,
-`--vision` a `ViTModel` or `SiglipVisionModel` directory (omit it to start the vision tower from
-scratch with `--vision-variant`). The projection is newly initialised; the tokenizer is the text
-model's `spiece.model` unless `--tokenizer` names another sentencepiece model.
+`--vision` a `ViTModel`, `SiglipVisionModel` / `SiglipModel`, SigLIP 2 NaFlex (`Siglip2VisionModel` /
+`Siglip2Model`) or PaliGemma (`PaliGemmaForConditionalGeneration`: its SigLIP tower only) directory (omit
+it to start the vision tower from scratch with `--vision-variant`). The projection is newly initialised;
+the tokenizer is the text model's `spiece.model` unless `--tokenizer` names another sentencepiece model.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m jobs.import_hf", description=__doc__.split("\n\n")[0])
     p.add_argument("--text", required=True, help="local Hugging Face T5 / mT5 checkpoint directory")
-    p.add_argument("--vision", default=None, help="local ViTModel or SiglipVisionModel checkpoint directory")
+    p.add_argument("--vision", default=None,
+                   help="local ViTModel, SiglipVisionModel, Siglip2VisionModel or PaliGemma checkpoint directory")
     p.add_argument("--out", required=True, help="serving checkpoint directory to write (replaced atomically)")
     p.add_argument("--image-size", type=int, default=None,
                    help="run the vision tower at this resolution (position embeddings are interpolated)")
+    p.add_argument("--max-num-patches", type=int, default=None,
+                   help="NaFlex patch budget per image (default: the directory's preprocessor_config.json)")
     p.add_argument("--vision-variant", default="B/16",
                    help="ViT size for a freshly initialised tower when --vision is not given (e.g. So400m/14)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: DIR/spiece.model)")
@@ -48,14 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else load_hf_tokenizer(args.text)
     model = from_hf(args.text, args.vision, image_size=args.image_size, vision=args.vision_variant,
                     freeze_vision=args.freeze_vision, dtype=_DTYPES[args.dtype], seed=args.seed, name=args.name,
-                    dropout_rate=args.dropout_rate)
+                    dropout_rate=args.dropout_rate, max_num_patches=args.max_num_patches)
     if len(tokenizer) > model.cfg.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} ids; expected at most the model's vocab_size "
                          f"{model.cfg.text.vocab_size}")
     out = save_pretrained(model, tokenizer, args.out)
     print(f"wrote {out}: vision {model.num_parameters('vision'):,} + text {model.num_parameters('text'):,} "
-          f"parameters, image size {model.cfg.vision.image_size}, tokenizer {len(tokenizer)} ids")
+          f"parameters, {_vision_input(model.cfg.vision)}, tokenizer {len(tokenizer)} ids")
     return 0
+
+
+def _vision_input(v) -> str:
+    return f"NaFlex up to {v.max_num_patches} patches of {v.patch_size} px" if v.naflex \
+        else f"image size {v.image_size}"
 
 
 if __name__ == "__main__":

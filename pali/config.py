@@ -37,13 +37,23 @@ class VisionConfig:
     """MLP activation: exact GELU (original ViT) or its tanh approximation (SigLIP)."""
     class_token: bool = False
     """Prepend a learned class token (original ViT layout); PaLI uses every token, no pooling."""
-    layout: Literal["vit", "siglip"] = "siglip"
-    """Which checkpoint layout the tower imports from / exports to."""
+    layout: Literal["vit", "siglip", "siglip2"] = "siglip"
+    """Which checkpoint layout the tower imports from / exports to (siglip2: `Siglip2VisionModel`, NaFlex)."""
+    naflex: bool = False
+    """SigLIP 2 NaFlex: images keep their aspect ratio, as up to `max_num_patches` patches (pali.models.naflex);
+    `image_size` then only sets the square grid of position embeddings that is resized to each image."""
+    max_num_patches: int = 256
+    """NaFlex patch budget per image (SigLIP 2's `max_num_patches`): the visual sequence length."""
+
+    @property
+    def pos_grid(self) -> int:
+        """Side of the square grid of learned position embeddings (image_size / patch_size)."""
+        return self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
-        """Patch tokens per image at `image_size`."""
-        return (self.image_size // self.patch_size) ** 2
+        """Patch tokens per image: at `image_size`, or the NaFlex budget (padding included)."""
+        return self.max_num_patches if self.naflex else self.pos_grid ** 2
 
     @property
     def num_tokens(self) -> int:
@@ -235,6 +245,11 @@ PRESETS: dict[str, Any] = {
     "pali-3b": lambda: PaLIConfig(name="pali-3b", vision=vit("G/14", 224), text=mt5("large"), freeze_vision=True),
     "pali-15b": lambda: PaLIConfig(name="pali-15b", vision=vit("G/14", 224), text=mt5("xxl"), freeze_vision=True),
     "pali-17b": lambda: PaLIConfig(name="pali-17b", vision=vit("e/14", 224), text=mt5("xxl"), freeze_vision=True),
+    # SigLIP 2 So400m/16 NaFlex (siglip2-so400m-patch16-naflex: a 16x16 position grid, up to 256 patches at the
+    # image's own aspect ratio) with mT5-Large; import the tower with `jobs.import_hf --vision`.
+    "pali-so400m-naflex": lambda: PaLIConfig(
+        name="pali-so400m-naflex", text=mt5("large"), freeze_vision=True,
+        vision=vit("So400m/16", 256, naflex=True, layout="siglip2", max_num_patches=256)),
 }
 
 

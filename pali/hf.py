@@ -1,8 +1,10 @@
-"""Import from and export to Hugging Face layouts (T5 / mT5 text, ViT / SigLIP vision).
+"""Import from and export to Hugging Face layouts (T5 / mT5 text; ViT, SigLIP, SigLIP 2 NaFlex and
+PaliGemma's SigLIP vision).
 
 Names map both ways by rule from our own module paths (`t5_name`, `vit_name`, `siglip_name`), so the
-same table drives `from_hf` and `to_hf`. Weights load without pickle: safetensors (single or sharded),
-else `pytorch_model.bin` through `torch.load(weights_only=True)`.
+same table drives `from_hf` and `to_hf`. Weights load without pickle: safetensors (single or sharded,
+read one tensor at a time, so importing the 0.4B-parameter tower of a 3B PaliGemma checkpoint reads only
+the tower), else `pytorch_model.bin` through `torch.load(weights_only=True)`.
 
 Output-head semantics follow the installed transformers (5.x): `T5ForConditionalGeneration` scales the
 decoder output by d_model**-0.5 unless its config.json says `tie_word_embeddings: false`;
@@ -14,12 +16,15 @@ untied but scaled) import as an untied head with the scale folded into it, which
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pali.config import PaLIConfig, TextConfig, VisionConfig, vit
 from pali.factory import create_model
@@ -27,7 +32,12 @@ from pali.models.pali import PaLI
 from pali.serving_checkpoint import load_state
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-_SIGLIP_TYPES = ("siglip_vision_model", "siglip", "siglip2_vision_model")
+_SIGLIP_TYPES = ("siglip_vision_model", "siglip")
+_SIGLIP2_TYPES = ("siglip2_vision_model", "siglip2")
+# Prefixes in front of the tower's own names: a full SiglipModel / Siglip2Model (and transformers 4.x)
+# holds it under `vision_model.`, PaliGemma under `vision_tower.` (transformers 5) or
+# `vision_tower.vision_model.` / `model.vision_tower.vision_model.` (4.x checkpoints on the hub).
+_TOWER_PREFIXES = ("model.", "vision_tower.", "vision_model.")
 
 
 # --- files ---------------------------------------------------------------------------------------------
@@ -41,8 +51,43 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def load_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face checkpoint directory (safetensors, sharded or not, else .bin)."""
+class LazyWeights(Mapping):
+    """The tensors of safetensors files as a read-only mapping that reads a tensor only when it is indexed.
+
+    Keys come from the shard index (or the single file's header); `reads` counts the tensors read.
+    """
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files  # tensor name -> file holding it
+        self.reads = 0
+
+    @classmethod
+    def open(cls, paths: list[Path]) -> LazyWeights:
+        """A mapping over the tensors of these safetensors files (headers are read, tensors are not)."""
+        files: dict[str, Path] = {}
+        for f in paths:
+            with safe_open(str(f), framework="pt") as h:
+                files.update(dict.fromkeys(h.keys(), f))
+        return cls(files)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.files[key]), framework="pt") as h:
+            self.reads += 1
+            return h.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.files  # Mapping's default would read the tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def load_weights(model_dir: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """The tensors of a Hugging Face checkpoint directory: safetensors (sharded or not) as a `LazyWeights`
+    that reads each tensor when it is asked for, else a .bin state dict (read whole)."""
     d = Path(model_dir)
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
@@ -51,12 +96,11 @@ def load_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
             shards = sorted(set(json.loads((d / index_name).read_text())["weight_map"].values()))
             files = [d / s for s in shards]
         if files:
+            if files[0].suffix == ".safetensors":
+                return LazyWeights.open(files)
             state: dict[str, torch.Tensor] = {}
             for f in files:
-                if f.suffix == ".safetensors":
-                    state.update(load_file(str(f)))
-                else:
-                    state.update(torch.load(f, map_location="cpu", weights_only=True))
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
             return state
     raise FileNotFoundError(f"no weights in {d}; expected model.safetensors, model.safetensors.index.json, "
                             "pytorch_model.bin or pytorch_model.bin.index.json")
@@ -95,11 +139,23 @@ def _first(x) -> int:
     return int(x[0] if isinstance(x, list) else x)
 
 
-def vision_config_from_hf(hf: dict) -> VisionConfig:
-    """`VisionConfig` from a ViTModel or SigLIP (vision or full) config.json."""
+def vision_config_from_hf(hf: dict, max_num_patches: int | None = None) -> VisionConfig:
+    """`VisionConfig` from a ViTModel, SigLIP, SigLIP 2 (vision or full) or PaliGemma config.json.
+
+    PaliGemma: its `vision_config` (a SigLIP tower; the Gemma decoder and projector are not used).
+    SigLIP 2 (`Siglip2VisionModel`): a NaFlex tower whose square position grid holds `num_patches`;
+    `max_num_patches` is the patch budget (the checkpoint's preprocessor_config.json; default num_patches).
+    """
     mtype = hf.get("model_type", "vit")
-    if mtype == "siglip":
-        hf, mtype = hf.get("vision_config", {}), "siglip_vision_model"
+    if mtype == "paligemma":
+        vc = dict(hf.get("vision_config") or {})
+        if "image_size" not in vc and "num_image_tokens" in vc:  # hub configs give the token count only
+            vc["image_size"] = math.isqrt(vc["num_image_tokens"]) * vc.get("patch_size", 16)
+        hf, mtype = vc, "siglip_vision_model"
+    if mtype in ("siglip", "siglip2"):
+        hf, mtype = hf.get("vision_config", {}), mtype + ("_vision_model")
+    if mtype == "siglip2_vision_model":
+        return _siglip2_config(hf, max_num_patches)
     if mtype == "vit":
         defaults = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         image_size=224, patch_size=16, num_channels=3, hidden_act="gelu",
@@ -111,8 +167,9 @@ def vision_config_from_hf(hf: dict) -> VisionConfig:
                         image_size=224, patch_size=16, num_channels=3, hidden_act="gelu_pytorch_tanh",
                         layer_norm_eps=1e-6)
     else:
-        raise ValueError(f"vision model_type is {mtype!r}; expected 'vit' (ViTModel) or "
-                         "'siglip_vision_model' / 'siglip' (SiglipVisionModel)")
+        raise ValueError(f"vision model_type is {mtype!r}; expected 'vit' (ViTModel), "
+                         "'siglip_vision_model' / 'siglip' (SiglipVisionModel), 'siglip2_vision_model' / "
+                         "'siglip2' (Siglip2VisionModel, NaFlex) or 'paligemma' (its SigLIP tower)")
     c = {**defaults, **{k: v for k, v in hf.items() if k in defaults}}
     act = c["hidden_act"]
     if act not in _ACTIVATIONS:
@@ -123,6 +180,31 @@ def vision_config_from_hf(hf: dict) -> VisionConfig:
                         num_heads=c["num_attention_heads"], channels=c["num_channels"],
                         layer_norm_eps=c["layer_norm_eps"], activation=_ACTIVATIONS[act], class_token=is_vit,
                         layout="vit" if is_vit else "siglip")
+
+
+def _siglip2_config(hf: dict, max_num_patches: int | None) -> VisionConfig:
+    c = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+         "num_channels": 3, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+         "num_patches": 256}
+    c.update({k: v for k, v in hf.items() if k in c})
+    grid = math.isqrt(c["num_patches"])
+    if grid * grid != c["num_patches"]:
+        raise ValueError(f"Siglip2 num_patches is {c['num_patches']}; expected a square (the position grid)")
+    if c["hidden_act"] not in _ACTIVATIONS:
+        raise ValueError(f"vision hidden_act is {c['hidden_act']!r}; expected one of {sorted(_ACTIVATIONS)}")
+    return VisionConfig(image_size=grid * c["patch_size"], patch_size=c["patch_size"], width=c["hidden_size"],
+                        depth=c["num_hidden_layers"], mlp_dim=c["intermediate_size"],
+                        num_heads=c["num_attention_heads"], channels=c["num_channels"],
+                        layer_norm_eps=c["layer_norm_eps"], activation=_ACTIVATIONS[c["hidden_act"]],
+                        layout="siglip2", naflex=True, max_num_patches=max_num_patches or c["num_patches"])
+
+
+def read_max_num_patches(model_dir: str | os.PathLike) -> int | None:
+    """The NaFlex patch budget of a SigLIP 2 directory's preprocessor_config.json, None without one."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("max_num_patches")
 
 
 def text_config_to_hf(t: TextConfig) -> dict:
@@ -142,7 +224,8 @@ def text_config_to_hf(t: TextConfig) -> dict:
 
 
 def vision_config_to_hf(v: VisionConfig) -> dict:
-    """config.json for the vision tower in its source layout (ViTModel or SiglipVisionModel)."""
+    """config.json for the vision tower in its source layout (ViTModel, SiglipVisionModel or
+    Siglip2VisionModel; PaliGemma's tower exports as the SiglipVisionModel it is)."""
     act = "gelu" if v.activation == "gelu" else "gelu_pytorch_tanh"
     common = {"hidden_size": v.width, "num_hidden_layers": v.depth, "intermediate_size": v.mlp_dim,
               "num_attention_heads": v.num_heads, "num_channels": v.channels, "image_size": v.image_size,
@@ -153,7 +236,14 @@ def vision_config_to_hf(v: VisionConfig) -> dict:
         return {"architectures": ["ViTModel"], "model_type": "vit", "qkv_bias": True,
                 "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **common}
     if v.class_token:
-        raise ValueError("vision layout 'siglip' has no class token; got class_token=True (use layout 'vit')")
+        raise ValueError(f"vision layout {v.layout!r} has no class token; got class_token=True (use layout 'vit')")
+    if v.layout == "siglip2" or v.naflex:
+        if not (v.layout == "siglip2" and v.naflex):
+            raise ValueError(f"vision layout {v.layout!r} with naflex={v.naflex}; expected layout 'siglip2' "
+                             "exactly when naflex=True (Siglip2VisionModel)")
+        common.pop("image_size")
+        return {"architectures": ["Siglip2VisionModel"], "model_type": "siglip2_vision_model",
+                "attention_dropout": 0.0, "vision_use_head": False, "num_patches": v.pos_grid ** 2, **common}
     return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
             "attention_dropout": 0.0, "vision_use_head": False, **common}
 
@@ -217,22 +307,37 @@ def siglip_name(name: str) -> str:
 
 # --- state conversion ------------------------------------------------------------------------------
 
-def _take(src: dict[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
-    if key not in src:
+def _take(src: Mapping[str, torch.Tensor], key: str, where: str, names: dict[str, str] | None = None
+          ) -> torch.Tensor:
+    """src[names[key]] (names: stripped name -> stored name), or a KeyError naming the missing tensor."""
+    stored = key if names is None else names.get(key)
+    if stored is None or stored not in src:
         raise KeyError(f"{where} has no tensor {key!r}; expected a Hugging Face checkpoint of the layout its "
                        "config.json names")
-    return src[key]
+    return src[stored]
 
 
-def text_state_from_hf(hf_state: dict[str, torch.Tensor], hf_config: dict, where: str = "text checkpoint"
+def _strip(keys, prefixes: tuple[str, ...]) -> dict[str, str]:
+    """Stripped name -> stored name, removing each of `prefixes` in turn where present (names only: no
+    tensor is read)."""
+    out = {}
+    for k in keys:
+        n = k
+        for p in prefixes:
+            n = n.removeprefix(p)
+        out.setdefault(n, k)
+    return out
+
+
+def text_state_from_hf(hf_state: Mapping[str, torch.Tensor], hf_config: dict, where: str = "text checkpoint"
                        ) -> tuple[TextConfig, dict[str, torch.Tensor]]:
     """(TextConfig, our `text.*` tensors) from a T5 / mT5 state dict, deciding head tying and scaling."""
     cfg = text_config_from_hf(hf_config)
-    hf_state = {k.removeprefix("model."): v for k, v in hf_state.items()}
-    if "shared.weight" not in hf_state and "encoder.embed_tokens.weight" in hf_state:
-        hf_state["shared.weight"] = hf_state["encoder.embed_tokens.weight"]
-    shared = _take(hf_state, "shared.weight", where)
-    head = hf_state.get("lm_head.weight")
+    keys = _strip(hf_state, ("model.",))
+    if "shared.weight" not in keys and "encoder.embed_tokens.weight" in keys:
+        keys["shared.weight"] = keys["encoder.embed_tokens.weight"]
+    shared = _take(hf_state, "shared.weight", where, keys)
+    head = hf_state[keys["lm_head.weight"]] if "lm_head.weight" in keys else None
     has_head = head is not None and not torch.equal(head, shared)
     # transformers 5.x: T5 scales unless config.json says tie_word_embeddings=false; mT5 never scales.
     scaled = (hf_config.get("model_type", "t5") == "t5"
@@ -247,7 +352,7 @@ def text_state_from_hf(hf_state: dict[str, torch.Tensor], hf_config: dict, where
             # refuses to save shared tensors)
             out["text." + n] = w * cfg.d_model ** -0.5 if scaled else w.clone()
         else:
-            out["text." + n] = _take(hf_state, t5_name(n), where)
+            out["text." + n] = _take(hf_state, t5_name(n), where, keys)
     return cfg, out
 
 
@@ -258,25 +363,27 @@ def _text_param_names(cfg: TextConfig) -> list[str]:
         return list(T5(cfg).state_dict())
 
 
-def vision_state_from_hf(hf_state: dict[str, torch.Tensor], hf_config: dict, where: str = "vision checkpoint"
-                         ) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
-    """(VisionConfig, our `vision_tower.*` tensors) from a ViTModel or SigLIP state dict."""
-    cfg = vision_config_from_hf(hf_config)
+def vision_state_from_hf(hf_state: Mapping[str, torch.Tensor], hf_config: dict, where: str = "vision checkpoint",
+                         max_num_patches: int | None = None) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+    """(VisionConfig, our `vision_tower.*` tensors) from a ViTModel, SigLIP, SigLIP 2 or PaliGemma state
+    dict; with a `LazyWeights` only the tower's tensors are read."""
+    cfg = vision_config_from_hf(hf_config, max_num_patches)
     if cfg.layout == "vit":
-        hf_state = {k.removeprefix("vit."): v for k, v in hf_state.items()}
-        rename = vit_name
-    else:  # a full SiglipModel (and transformers 4.x) prefixes the tower with `vision_model.`
-        hf_state = {k.removeprefix("vision_model."): v for k, v in hf_state.items()}
-        rename = siglip_name
+        keys, rename = _strip(hf_state, ("vit.",)), vit_name
+    else:
+        keys, rename = _strip(hf_state, _TOWER_PREFIXES), siglip_name
     from pali.models.vit import ViT
 
     with torch.device("meta"):
         names = list(ViT(cfg).state_dict())
     out = {}
     for n in names:
-        t = _take(hf_state, rename(n), where)
+        t = _take(hf_state, rename(n), where, keys)
         if n == "pos_embed" and t.dim() == 2:  # SigLIP stores an nn.Embedding (N, D)
             t = t.unsqueeze(0)
+        if n == "patch_embed.weight" and t.dim() == 2:  # SigLIP 2: a Linear over (row, col, channel) patches
+            p, c = cfg.patch_size, cfg.channels
+            t = t.reshape(t.shape[0], p, p, c).permute(0, 3, 1, 2).contiguous()  # our conv layout [W, C, p, p]
         out["vision_tower." + n] = t
     return cfg, out
 
@@ -291,14 +398,16 @@ def text_state_to_hf(model: PaLI) -> dict[str, torch.Tensor]:
 
 
 def vision_state_to_hf(model: PaLI) -> dict[str, torch.Tensor]:
-    """Our vision tower as a Hugging Face ViTModel or SiglipVisionModel state dict."""
+    """Our vision tower as a Hugging Face ViTModel, SiglipVisionModel or Siglip2VisionModel state dict."""
     layout = model.cfg.vision.layout
     rename = vit_name if layout == "vit" else siglip_name
     out = {}
     for n, t in model.vision_tower.state_dict().items():
         t = t.detach().cpu()
-        if n == "pos_embed" and layout == "siglip":
+        if n == "pos_embed" and layout != "vit":
             t = t[0]
+        if n == "patch_embed.weight" and layout == "siglip2":  # [W, C, p, p] -> Linear over (p, p, C)
+            t = t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
         out[rename(n)] = t.contiguous().clone()
     return out
 
@@ -308,22 +417,27 @@ def vision_state_to_hf(model: PaLI) -> dict[str, torch.Tensor]:
 def from_hf(text_dir: str | os.PathLike, vision_dir: str | os.PathLike | None = None,
             image_size: int | None = None, vision: str | VisionConfig = "B/16", freeze_vision: bool = False,
             dtype: torch.dtype = torch.float32, seed: int = 0, name: str = "hf-import",
-            dropout_rate: float | None = None) -> PaLI:
-    """PaLI from a local HF T5/mT5 directory and (optionally) a ViTModel / SigLIP directory.
+            dropout_rate: float | None = None, max_num_patches: int | None = None) -> PaLI:
+    """PaLI from a local HF T5/mT5 directory and (optionally) a vision directory: ViTModel, SigLIP
+    (vision or full), SigLIP 2 NaFlex (`Siglip2VisionModel` / `Siglip2Model`) or PaliGemma (its SigLIP
+    tower only; the Gemma decoder and the multimodal projector are not read).
 
     The projection is newly initialised (normal, std width**-0.5, zero bias, seeded by `seed`). Without
     `vision_dir` the vision tower is freshly initialised from `vision` (a ViT variant such as "So400m/14"
     or a `VisionConfig`). `image_size` runs the tower at another resolution by interpolating its position
     embeddings (e.g. a 224 px checkpoint at 448 px). `dropout_rate` replaces the text config's (mT5
-    checkpoints say 0.1; PaLI pretraining uses 0); None keeps it.
+    checkpoints say 0.1; PaLI pretraining uses 0); None keeps it. `max_num_patches`: a NaFlex tower's
+    patch budget (default: the directory's preprocessor_config.json, else the position grid's size).
     """
     text_hf = read_config(text_dir)
     text_config_from_hf(text_hf)  # a wrong model type fails before any weights are read
     text_cfg, state = text_state_from_hf(load_weights(text_dir), text_hf, where=str(text_dir))
     if vision_dir is not None:
         vision_hf = read_config(vision_dir)
-        vision_config_from_hf(vision_hf)
-        vis_cfg, vis_state = vision_state_from_hf(load_weights(vision_dir), vision_hf, where=str(vision_dir))
+        budget = read_max_num_patches(vision_dir) if max_num_patches is None else max_num_patches
+        vision_config_from_hf(vision_hf, budget)
+        vis_cfg, vis_state = vision_state_from_hf(load_weights(vision_dir), vision_hf, where=str(vision_dir),
+                                                  max_num_patches=budget)
         state.update(vis_state)
     else:
         vis_cfg = vision if isinstance(vision, VisionConfig) else vit(vision, image_size or 224)
@@ -347,7 +461,8 @@ def from_hf(text_dir: str | os.PathLike, vision_dir: str | os.PathLike | None = 
 
 
 def to_hf(model: PaLI, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Export: `out_dir/text` (HF T5/mT5), `out_dir/vision` (ViTModel or SiglipVisionModel layout),
+    """Export: `out_dir/text` (HF T5/mT5), `out_dir/vision` (ViTModel, SiglipVisionModel or
+    Siglip2VisionModel layout, NaFlex with its preprocessor_config.json),
     `out_dir/projector.safetensors` and `out_dir/pali_config.json`; `text/spiece.model` when a tokenizer
     is given. Returns `out_dir`."""
     out = Path(out_dir)
@@ -358,6 +473,13 @@ def to_hf(model: PaLI, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    v = model.cfg.vision
+    if v.naflex:  # the patch budget travels as SigLIP 2's processor config, which import reads back
+        (vision_dir / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "Siglip2ImageProcessor", "patch_size": v.patch_size,
+             "max_num_patches": v.max_num_patches, "do_resize": True, "do_rescale": True,
+             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+             "resample": 2}, indent=2, sort_keys=True))
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.projector.state_dict().items()},
               str(out / "projector.safetensors"), metadata={"format": "pt"})
     (out / "pali_config.json").write_text(model.cfg.to_json())

@@ -1,7 +1,8 @@
 """Hugging Face import/export: exact parity with tiny random HF models built here (no downloads).
 
 Text-only logits (mT5 with an untied head, T5 v1.0 with a tied scaled head), vision `last_hidden_state`
-(ViTModel, SiglipVisionModel), export -> `from_pretrained` round trips, greedy and beam-search token ids
+(ViTModel, SiglipVisionModel, PaliGemma's tower from sharded safetensors, Siglip2VisionModel NaFlex),
+export -> `from_pretrained` round trips, greedy and beam-search token ids
 against HF `generate`, the import/export jobs, and the error messages of bad directories.
 """
 
@@ -263,3 +264,102 @@ def test_text_only_import_with_fresh_vision_tower(dirs, inputs):
     assert (_hf_logits(hf, ids, mask, dec) - _ours(model, ids, mask, dec)).abs().max() <= TOL
     assert model.vision(px).shape == (2, 16, 24) and model.cfg.vision.layout == "siglip"
     assert torch.equal(model.projector.weight, from_hf(dirs / "mt5", vision=vis, seed=1).projector.weight)
+
+
+# --- PaliGemma's SigLIP tower and SigLIP 2 NaFlex towers ------------------------------------------------
+
+PG_TEXT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+               intermediate_size=32, vocab_size=300, head_dim=8)
+S2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
+          num_patches=16)
+
+
+@pytest.fixture(scope="module")
+def tower_dirs(tmp_path_factory):
+    """A PaliGemma checkpoint in many small safetensors shards, and a Siglip2VisionModel (NaFlex) with its
+    preprocessor_config.json (max_num_patches 24)."""
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        Siglip2VisionConfig,
+        Siglip2VisionModel,
+    )
+
+    root = tmp_path_factory.mktemp("towers")
+    torch.manual_seed(4)
+    pg = PaliGemmaForConditionalGeneration(PaliGemmaConfig(vision_config={**VISION, "projection_dim": 16},
+                                                           text_config=PG_TEXT, projection_dim=16))
+    pg.save_pretrained(root / "paligemma", max_shard_size="20KB")
+    s2 = Siglip2VisionModel(Siglip2VisionConfig(**S2))
+    with torch.no_grad():
+        for p in s2.parameters():
+            p.normal_(0, 0.2)
+    s2.save_pretrained(root / "siglip2")
+    (root / "siglip2" / "preprocessor_config.json").write_text(json.dumps({"max_num_patches": 24,
+                                                                           "patch_size": 8}))
+    return root
+
+
+def test_paligemma_tower_imports_from_shards_one_tensor_at_a_time(dirs, tower_dirs, inputs):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from pali.hf import LazyWeights, load_weights, read_config, vision_state_from_hf
+
+    d = tower_dirs / "paligemma"
+    assert len(list(d.glob("model-*.safetensors"))) > 3  # really sharded
+    weights = load_weights(d)
+    assert isinstance(weights, LazyWeights) and weights.reads == 0
+    cfg, state = vision_state_from_hf(weights, read_config(d), where=str(d))
+    assert weights.reads == len(state) < len(weights)  # only the tower's tensors were read
+    assert cfg.layout == "siglip" and cfg.image_size == 32 and not cfg.naflex
+    model = from_hf(dirs / "t5", d)
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(d).eval()
+    px = inputs[3]
+    with torch.no_grad():
+        want = hf.model.vision_tower(pixel_values=px).last_hidden_state
+        assert (want - model.vision(px)).abs().max() <= TOL
+    # export: the tower as the SiglipVisionModel it is inside PaliGemma, same outputs
+    to_hf(model, tower_dirs / "pg-export")
+    sig = SiglipVisionModel.from_pretrained(tower_dirs / "pg-export" / "vision").eval()
+    with torch.no_grad():
+        assert (sig(pixel_values=px).last_hidden_state - want).abs().max() <= TOL
+
+
+def test_paligemma_hub_config_without_image_size():
+    from pali.hf import vision_config_from_hf
+
+    cfg = vision_config_from_hf({"model_type": "paligemma", "vision_config": {
+        "hidden_size": 1152, "intermediate_size": 4304, "model_type": "siglip_vision_model", "num_attention_heads": 16,
+        "num_hidden_layers": 27, "num_image_tokens": 1024, "patch_size": 14, "projection_dim": 2048}})
+    assert (cfg.image_size, cfg.width, cfg.depth, cfg.num_tokens) == (448, 1152, 27, 1024)  # paligemma-3b-mix-448
+
+
+def test_siglip2_naflex_import_and_export_round_trip(dirs, tower_dirs, tmp_path):
+    from transformers import Siglip2VisionModel
+
+    from jobs import export, import_hf
+    from pali.models import naflex
+
+    ckpt = tmp_path / "ckpt"
+    assert import_hf.main(["--text", str(dirs / "mt5"), "--vision", str(tower_dirs / "siglip2"),
+                           "--out", str(ckpt)]) == 0
+    model, _ = load_pretrained(ckpt)
+    v = model.cfg.vision
+    assert (v.naflex, v.layout, v.max_num_patches, v.pos_grid) == (True, "siglip2", 24, 4)
+    g = torch.Generator().manual_seed(5)
+    packed = naflex.pack_images([torch.randn(3, 16, 64, generator=g), torch.randn(3, 40, 32, generator=g)], 8, 24)
+    patches, spatial = naflex.unpack(packed)
+    pmask = naflex.patch_mask(spatial, 24).int()
+    hf = Siglip2VisionModel.from_pretrained(tower_dirs / "siglip2").eval()
+    with torch.no_grad():
+        want = hf(pixel_values=patches, pixel_attention_mask=pmask, spatial_shapes=spatial).last_hidden_state
+        assert (model.vision(packed) - want).abs().max() <= TOL
+    assert export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    back = Siglip2VisionModel.from_pretrained(tmp_path / "hf" / "vision").eval()
+    with torch.no_grad():
+        got = back(pixel_values=patches, pixel_attention_mask=pmask, spatial_shapes=spatial).last_hidden_state
+    assert (got - want).abs().max() <= TOL
+    again = from_hf(tmp_path / "hf" / "text", tmp_path / "hf" / "vision")
+    assert again.cfg.vision == model.cfg.vision
+    a, b = model.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("vision_tower."))

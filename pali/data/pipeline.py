@@ -44,6 +44,7 @@ from pali.data.tasks import (
     supported_tasks,
     tokenize_examples,
 )
+from pali.models import naflex
 from pali.tokenizer import Tokenizer
 
 _RAW_STRING_COLS = ("id", "lang", "text", "question", "answer", "ocr_text", "task", "captions", "answers")
@@ -83,12 +84,19 @@ class DataConfig:
     """Rows of the per-rank local shuffle buffer in `iter_batches` (0 = no shuffle)."""
     stats_name: str | None = None
     """Key of this pipeline's `DataStats` counters (reuse it to read them elsewhere); None = a fresh key."""
+    naflex_patch_size: int = 0
+    """NaFlex tower's patch size: images keep their aspect ratio as packed patches (`pali.models.naflex`,
+    float32[1 + max_num_patches, p*p*3]); 0 = resize to an image_size square."""
+    max_num_patches: int = 256
+    """NaFlex patch budget per image (the model's `vision.max_num_patches`)."""
 
     @classmethod
     def for_model(cls, model_cfg: Any, **kw: Any) -> DataConfig:
         """Image size and text lengths from a `PaLIConfig`, other fields from `kw`."""
-        return cls(image_size=model_cfg.vision.image_size, max_text_len=model_cfg.max_text_len,
-                   max_target_len=model_cfg.max_target_len, **kw)
+        v = model_cfg.vision
+        return cls(image_size=v.image_size, max_text_len=model_cfg.max_text_len,
+                   max_target_len=model_cfg.max_target_len, naflex_patch_size=v.patch_size if v.naflex else 0,
+                   max_num_patches=v.max_num_patches, **kw)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -284,7 +292,9 @@ def _process_op(cfg: DataConfig, tokenizer: Tokenizer, stats: DataStats | None,
         for i in range(n):
             row = {c: (batch[c][i] or None) for c in _RAW_STRING_COLS}
             try:
-                pix = preprocess_image(batch["image"][i], cfg.image_size, cfg.image_mean, cfg.image_std)
+                pix = preprocess_image(batch["image"][i], cfg.image_size, cfg.image_mean, cfg.image_std) \
+                    if not cfg.naflex_patch_size else naflex.preprocess(  # aspect ratio kept, within the budget
+                        batch["image"][i], cfg.naflex_patch_size, cfg.max_num_patches, cfg.image_mean, cfg.image_std)
             except Exception:  # undecodable / truncated image
                 counts["bad_images"] += 1
                 continue
@@ -303,11 +313,13 @@ def _process_op(cfg: DataConfig, tokenizer: Tokenizer, stats: DataStats | None,
                     counts["malformed_rows"] += 1
                     continue
                 examples.append(ex)
-                pixels.append(pix if ex.uses_image else np.zeros_like(pix))
+                pixels.append(pix if ex.uses_image else naflex.blank_like(pix))
                 meta.append((row["lang"], row["id"], int(batch["shard_index"][i])))
         s = cfg.image_size
+        shape = naflex.packed_shape(3, cfg.naflex_patch_size, cfg.max_num_patches) if cfg.naflex_patch_size \
+            else (3, s, s)
         out: dict[str, np.ndarray] = {
-            "pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, s, s), np.float32),  # (B,3,H,W)
+            "pixel_values": np.stack(pixels) if pixels else np.zeros((0, *shape), np.float32),  # (B,3,H,W)
             **tokenize_examples(examples, tokenizer, cfg.max_text_len, cfg.max_target_len),
             "image_mask": np.array([int(e.uses_image) for e in examples], dtype=np.int64),  # (B,)
             "task": np.array([e.task for e in examples], dtype=object),

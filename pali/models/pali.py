@@ -79,7 +79,9 @@ class PaLI(nn.Module):
                 raise ValueError(f"{pixel_values.shape[0]} images for {input_ids.shape[0]} prompts; "
                                  "expected one image per prompt")
             visual_tokens = self.projector(self.vision(pixel_values)).to(x.dtype)  # (B, P, D)
-            vmask = torch.ones(visual_tokens.shape[:2], dtype=torch.long, device=mask.device)
+            real = self.vision_tower.token_mask(pixel_values)  # NaFlex padding patches: masked out
+            vmask = torch.ones(visual_tokens.shape[:2], dtype=torch.long, device=mask.device) if real is None \
+                else real.long().to(mask.device)
             if image_mask is not None:
                 vmask = vmask * image_mask.long().view(-1, 1)
             x = torch.cat([visual_tokens, x], dim=1)
@@ -106,7 +108,8 @@ class PaLI(nn.Module):
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> PaLIOutput:
-        """pixel_values float[B,3,H,W] | None, input_ids int[B,S], labels int[B,T] -> PaLIOutput.
+        """pixel_values float[B,3,H,W] (NaFlex: packed float[B,1+N,p*p*3]) | None, input_ids int[B,S],
+        labels int[B,T] -> PaLIOutput.
 
         Without pixel_values this is plain mT5. Labels equal to pad (0) or -100 are ignored by the loss.
         """

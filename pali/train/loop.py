@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pali.config import PaLIConfig
+from pali.models import naflex
 from pali.train.config import TrainConfig
 
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "image_mask", "task_id")
@@ -27,8 +28,9 @@ BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "image_ma
 
 def batch_shapes(mcfg: PaLIConfig, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of one rank's batch of n examples (what non-reading ranks allocate)."""
-    s = mcfg.vision.image_size
-    return {"pixel_values": ((n, mcfg.vision.channels, s, s), torch.float32),
+    v, s = mcfg.vision, mcfg.vision.image_size
+    pixels = naflex.packed_shape(v.channels, v.patch_size, v.max_num_patches) if v.naflex else (v.channels, s, s)
+    return {"pixel_values": ((n, *pixels), torch.float32),
             "input_ids": ((n, mcfg.max_text_len), torch.long),
             "attention_mask": ((n, mcfg.max_text_len), torch.long),
             "labels": ((n, mcfg.max_target_len), torch.long),
