@@ -29,7 +29,8 @@ def fake_read(rng: random.Random):
 
 def run(plan: list[tuple[int, int]], per_rank: int, seed: int = 3) -> tuple[list[list[int]], DataState]:
     """Train `steps` steps at `dp` for each (steps, dp) of `plan`, restarting from the state between them
-    (with a checkpoint every 3 steps inside each group, as the loop compacts its streams); returns the ids each step consumed (all replicas, replica order) and the final state."""
+    (with a checkpoint every 3 steps inside each group, as the loop compacts its streams); returns the
+    ids each step consumed (all replicas, replica order) and the final state."""
     state, steps_ids, rng = DataState(), [], random.Random(seed)
     for steps, dp in plan:
         streams = [ReplicaStream(state, dp, d, SHARDS, seed, per_rank, fake_read(rng), chunk=rng.randint(1, 4))
@@ -128,7 +129,8 @@ def test_a_run_over_100k_shards_plans_in_bounded_time_and_memory():
     tracemalloc.stop()
     elapsed = time.perf_counter() - t0
     # The last shard read is whole but not yet known finished: the next one has not started.
-    assert (state.cursor, state.partial) == (9_999, {9_999: 2}) and len(ids) == len(set(ids)) == 20_000  # every example once, in order
+    assert (state.cursor, state.partial) == (9_999, {9_999: 2})
+    assert len(ids) == len(set(ids)) == 20_000  # every example once, in order
     assert chunk == 64 and max(s[0] for s in sizes) <= 1 and max(s[1] for s in sizes) <= chunk
     assert max(s[2] + s[3] for s in sizes) <= 1 and max(s[4] for s in sizes) < 100  # the checkpoint's record
     assert peak < 8e6, f"planning held {peak / 1e6:.1f} MB"  # the epoch's permutation is 0.8 MB
