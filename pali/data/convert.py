@@ -71,7 +71,7 @@ def convert_coco_captions(captions_json: str, images_dir: str, out_dir: str, lan
 
     `text` is the first caption, `captions` all of them (evaluation references).
     """
-    check_lang(lang)
+    lang = check_lang(lang)
     data = _load_json(captions_json, "COCO captions")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
@@ -121,7 +121,7 @@ def convert_vqa(questions_json: str, annotations_json: str, images_dir: str, out
     `answer` is `multiple_choice_answer` (else the most common annotator answer), `answers` all ten
     annotator answers (VQA-accuracy references); `text` is empty (no caption).
     """
-    check_lang(lang)
+    lang = check_lang(lang)
     qs = _load_json(questions_json, "VQA questions")
     ans = _load_json(annotations_json, "VQA annotations")
     if not isinstance(qs, dict) or not isinstance(qs.get("questions"), list):
