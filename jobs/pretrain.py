@@ -20,7 +20,7 @@ from pali.train.config import TrainConfig
 
 FLAG_GROUPS = {
     "model": ("preset", "init_from", "vision_pretrain_steps"),
-    "data": ("data", "eval_data", "tokenizer", "task_weights"),
+    "data": ("data", "eval_data", "tokenizer", "task_weights", "column_map", "default_lang"),
     "optimisation": ("steps", "global_batch", "micro_batch", "lr", "schedule", "warmup_steps", "min_lr_ratio",
                      "vision_lr_mult", "optimizer", "weight_decay", "grad_clip", "seed"),
     "layout": ("tp", "pp", "workers", "min_workers", "max_workers", "cpus_per_worker", "worker_resources", "use_gpu",
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_eval:
         from pali.train.heldout import dump, format_samples, heldout_report
 
-        rep = heldout_report(str(final), cfg.eval_data, num_examples=cfg.eval_examples, seed=cfg.seed + 1)
+        rep = heldout_report(str(final), cfg.eval_data, num_examples=cfg.eval_examples, seed=cfg.seed + 1,
+                             column_map=cfg.column_map, default_lang=cfg.default_lang)
         dump(rep, str(out / "heldout.json"))
         print(format_samples(rep))
         summary["heldout"] = {k: rep[k] for k in ("loss", "loss_per_task", "exact_match")}
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             from pali.eval import evaluate
             from pali.eval.report import format_table
 
-            metrics = evaluate(str(final), cfg.eval_data, out_dir=str(out / "eval"))
+            metrics = evaluate(str(final), cfg.eval_data, out_dir=str(out / "eval"), column_map=cfg.column_map,
+                               default_lang=cfg.default_lang)
             print(format_table(metrics))
             summary["eval"] = metrics.get("overall", metrics)
         except Exception as e:  # the checkpoint and training record stay valid; say what failed
