@@ -21,6 +21,18 @@ CHARACTER_SCRIPTS: frozenset[str] = frozenset({
 })
 """ISO 15924 scripts written without spaces between words (Han, Kana, Thai, Lao, Khmer, Myanmar, Tibetan)."""
 
+MANY_LANGS: tuple[str, ...] = (
+    "af", "am", "ar", "az", "be", "bg", "bn", "bo", "bs", "ca", "ceb", "co", "cs", "cy", "da", "de", "el", "en",
+    "eo", "es", "et", "eu", "fa", "fi", "fil", "fr", "fy", "ga", "gd", "gl", "gu", "ha", "haw", "he", "hi", "hmn",
+    "hr", "ht", "hu", "hy", "id", "ig", "is", "it", "ja", "jv", "ka", "kk", "km", "kn", "ko", "ku", "ky", "la",
+    "lb", "lo", "lt", "lv", "mg", "mi", "mk", "ml", "mn", "mr", "ms", "mt", "my", "ne", "nl", "no", "ny", "or",
+    "pa", "pl", "ps", "pt", "quz", "ro", "ru", "rw", "sd", "si", "sk", "sl", "sm", "sn", "so", "sq", "sr", "st",
+    "su", "sv", "sw", "ta", "te", "tg", "th", "tk", "tr", "tt", "ug", "uk", "ur", "uz", "vi", "xh", "yi", "yo",
+    "yue", "zh", "zh-Hant", "zu",
+)
+"""112 languages in 17 scripts (Latin, Cyrillic, Arabic, Indic, Han, Kana, Hangul, Thai, Lao, Khmer, Myanmar,
+Tibetan, Ethiopic, Georgian, Armenian, Hebrew, Greek): WebLI-scale coverage, for tests and examples."""
+
 NOT_A_LANGUAGE: frozenset[str] = frozenset({"und", "mul", "mis", "zxx"})
 """Registered codes that name no language of a text (undetermined, multiple, uncoded, no linguistic
 content): refused like unregistered tags."""

@@ -72,7 +72,8 @@ def plot_per_language(metrics: dict[str, Any], path: str | Path) -> Path:
 
     langs = list(metrics.get("langs", {}))
     tasks = list(metrics.get("tasks", {}))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(langs) * max(1, len(tasks)) + 2), 3.5))
+    # capped width: a 100-language chart stays a readable (and quick to render) strip
+    fig, ax = plt.subplots(figsize=(min(24.0, max(4.0, 0.6 * len(langs) * max(1, len(tasks)) + 2)), 3.5))
     width = 0.8 / max(1, len(tasks))
     for k, task in enumerate(tasks):
         per_lang = metrics["tasks"][task]["langs"]

@@ -4,23 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pali.data.langs import canonical_lang, lang_script, splits_by_character
+from pali.data.langs import MANY_LANGS, canonical_lang, lang_script, splits_by_character
 from pali.data.prompts import XM3600_LANGS, build_prompt
 from pali.data.tasks import check_langs, split_words, supported_tasks
 from pali.eval.text import sacrebleu_tokenizer, tokenize_caption
-
-# WebLI-scale coverage: 110 languages across Latin, Cyrillic, Arabic, Indic, Han, Kana, Hangul, Thai, Lao,
-# Khmer, Myanmar, Tibetan, Ethiopic, Georgian, Armenian, Hebrew and Greek scripts, incl. those issue #21 names.
-MANY_LANGS = (
-    "af", "am", "ar", "az", "be", "bg", "bn", "bo", "bs", "ca", "ceb", "co", "cs", "cy", "da", "de", "el", "en",
-    "eo", "es", "et", "eu", "fa", "fi", "fil", "fr", "fy", "ga", "gd", "gl", "gu", "ha", "haw", "he", "hi", "hmn",
-    "hr", "ht", "hu", "hy", "id", "ig", "is", "it", "ja", "jv", "ka", "kk", "km", "kn", "ko", "ku", "ky", "la",
-    "lb", "lo", "lt", "lv", "mg", "mi", "mk", "ml", "mn", "mr", "ms", "mt", "my", "ne", "nl", "no", "ny", "or",
-    "pa", "pl", "ps", "pt", "quz", "ro", "ru", "rw", "sd", "si", "sk", "sl", "sm", "sn", "so", "sq", "sr", "st",
-    "su", "sv", "sw", "ta", "te", "tg", "th", "tk", "tr", "tt", "ug", "uk", "ur", "uz", "vi", "xh", "yi", "yo",
-    "yue", "zh", "zh-Hant", "zu",
-)
-
 
 def test_every_registered_tag_is_a_language_in_canonical_form():
     assert len(MANY_LANGS) >= 100 and len(set(MANY_LANGS)) == len(MANY_LANGS)
