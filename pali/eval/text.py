@@ -45,14 +45,11 @@ def tokenize_caption(text: str, lang: str) -> list[str]:
 def tokenize_reference(tokenized: str, lang: str) -> list[str]:
     """CIDEr tokens of a pre-tokenized reference (space-separated, e.g. XM3600's `caption/tokenized`).
 
-    Word languages: its own tokens, lower-cased, punctuation-only tokens dropped (the predictions'
-    tokenization drops punctuation too). Character scripts: characters, exactly as `tokenize_caption`
-    (the predictions are not word-segmented, so the references' segmentation cannot be matched).
+    The published tokens are put through the same rules as the predictions (`tokenize_caption`:
+    lower-case, punctuation dropped; characters for character scripts), so a prediction and its
+    references are always tokenized alike; the segmentation and spelling are the benchmark's.
     """
-    if is_char_lang(lang):
-        return tokenize_caption(tokenized, lang)
-    text = unicodedata.normalize("NFC", tokenized).lower()
-    return [tok for tok in text.split() if not all(_is_punct(ch) for ch in tok)]
+    return tokenize_caption(tokenized, lang)
 
 
 def sacrebleu_tokenizer(lang: str) -> str:
