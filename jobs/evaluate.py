@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--langs", type=_csv, default=None,
                    help="comma list of BCP-47 tags, any registered one (default: all)")
     p.add_argument("--column-map", default=None, metavar="KEY=COLUMN[,...]",
-                   help="read schema column KEY from source column / JSON key COLUMN, e.g. text=caption_en,lang=LANGUAGE")
+                   help="read schema column KEY from source column / JSON key COLUMN "
+                        "(e.g. text=caption_en,lang=LANGUAGE)")
     p.add_argument("--default-lang", default=None, metavar="CODE",
                    help="BCP-47 language of rows that carry none (default: such rows are malformed)")
     p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy)")

@@ -3,7 +3,7 @@
     python -m jobs.make_shards --out data/train --examples 20000 --seed 0
     python -m jobs.make_shards --out data/heldout --examples 1000 --seed 1 --langs en fr ar
     python -m jobs.make_shards --out data/coco --from-coco captions_train2017.json --images train2017 --lang en
-    python -m jobs.make_shards --out data/coco35 --from-coco captions_en.json captions_fr.json --images val2017 --lang en fr
+    python -m jobs.make_shards --out data/coco35 --from-coco en.json fr.json --images val2017 --lang en fr
     python -m jobs.make_shards --out data/vqa --from-vqa questions.json annotations.json --images train2014
     python -m jobs.make_shards --out data/xm3600 --from-xm3600 captions.jsonl --images xm3600/images
     python -m jobs.make_shards --out data/textvqa --from-textvqa TextVQA_0.5.1_val.json --images train_images
@@ -28,10 +28,10 @@ from pali.data.convert import ConvertReport, convert_coco_captions, convert_vqa,
 from pali.data.lexicon import GRAMMARS
 from pali.data.pipeline import list_shards, train_tokenizer_from_shards
 from pali.data.schema import ReadOptions
+from pali.data.synthetic import write_synthetic_shards
 
 SOURCES = ("from_coco", "from_vqa", "from_xm3600", "from_textvqa", "from_docvqa", "from_shards")
 """The converter options; at most one per run (none: the synthetic corpus)."""
-from pali.data.synthetic import write_synthetic_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,10 +1,12 @@
 """Converters from evaluation benchmarks in their published formats to shards: Crossmodal-3600, TextVQA, DocVQA.
 
-| benchmark | input | rows | scored by |
-|---|---|---|---|
-| Crossmodal-3600 | `captions.jsonl`: one line per image, `image/key` and per language `{"caption": [...], "caption/tokenized": [...]}`; images `KEY.jpg` | one per (image, language), task `caption` | CIDEr per language on `caption/tokenized` |
-| TextVQA | `TextVQA_0.5.1_val.json`: `data` list with `question_id`, `question`, `image_id`, 10 `answers`; images `IMAGE_ID.jpg` | one per question, task `vqa` | VQA accuracy over the 10 answers |
-| DocVQA | `val_v1.0.json`: `data` list with `questionId`, `question`, `image` (a path), `answers` | one per question, task `vqa` | ANLS (`tasks.vqa.anls`) |
+- Crossmodal-3600: `captions.jsonl`, one line per image with `image/key` and per language
+  `{"caption": [...], "caption/tokenized": [...]}`; images `KEY.jpg` -> one caption row per (image,
+  language), scored by CIDEr per language on `caption/tokenized`.
+- TextVQA: a `data` list with `question_id`, `question`, `image_id` and 10 `answers`; images
+  `IMAGE_ID.jpg` -> one VQA row per question, scored by VQA accuracy over the 10 answers.
+- DocVQA: a `data` list with `questionId`, `question`, `image` (a path) and `answers` -> one VQA row per
+  question, scored by ANLS (`tasks.vqa.anls`).
 
 Rows keep the benchmark's own ids (`xm3600-KEY`, the same in every language: evaluation identifies an
 example by (id, lang, task)). Missing images, unregistered languages and entries without the needed
@@ -47,7 +49,7 @@ def convert_xm3600(captions_jsonl: str, images_dir: str, out_dir: str, fmt: str 
     report = ConvertReport()
     writer = ShardWriter(out_dir, prefix, examples_per_shard, fmt)
     with open(captions_jsonl, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+        for line in f:
             if not line.strip():
                 continue
             try:

@@ -64,8 +64,8 @@ def build_prompt(task: str, lang: str, question: str | None = None, position: in
 
     `question` is required for vqa, `answer` (or, positionally, `question`) for vqg. `position` is the
     split point of split_caption (in words, or characters for scripts without spaces; 0 for plain
-    captioning); `lang` is any registered BCP-47 tag and appears in its canonical form; the caller appends the caption's first `position` words after the colon
-    (see `pali.data.tasks.split_words`).
+    captioning; the caller appends the caption's first `position` words after the colon, see
+    `pali.data.tasks.split_words`); `lang` is any registered BCP-47 tag and appears in canonical form.
     span_corruption has no prompt (returns "").
     """
     check_task(task)

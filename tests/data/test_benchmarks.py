@@ -58,8 +58,8 @@ def test_xm3600_scoring_on_tokenized_references_and_table():
     # CIDEr reads the tokenized references when a record has them (here they differ on purpose)
     raw = [rec(0, "en", "a small kitten", ["A cat!"]), rec(1, "en", "a dog", ["A dog."]),
            rec(2, "en", "two birds", ["Two birds"])]
-    tok = [rec(0, "en", "a small kitten", ["A cat!"], ["a small kitten"]), rec(1, "en", "a dog", ["A dog."], ["a dog ."]),
-           rec(2, "en", "two birds", ["Two birds"], ["two birds"])]
+    tok = [rec(0, "en", "a small kitten", ["A cat!"], ["a small kitten"]),
+           rec(1, "en", "a dog", ["A dog."], ["a dog ."]), rec(2, "en", "two birds", ["Two birds"], ["two birds"])]
     c_raw = compute_metrics(raw)["tasks"]["caption"]["cider"]
     c_tok = compute_metrics(tok)["tasks"]["caption"]["cider"]
     assert c_tok > c_raw
@@ -115,7 +115,8 @@ def test_textvqa_and_docvqa(tmp_path):
     assert scores["anls"] == pytest.approx(100 * (1 - 1 / 11)) and scores["exact_match"] == 100.0
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError, match="not DocVQA JSON"):
-        make_shards(["--out", str(tmp_path / "x"), "--from-docvqa", str(tmp_path / "bad.json"), "--images", str(images)])
+        make_shards(["--out", str(tmp_path / "x"), "--from-docvqa", str(tmp_path / "bad.json"),
+                     "--images", str(images)])
     with pytest.raises(SystemExit):
         make_shards(["--out", str(tmp_path / "x"), "--from-textvqa", "a.json", "--from-docvqa", "b.json",
                      "--images", str(images)])

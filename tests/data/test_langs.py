@@ -9,6 +9,7 @@ from pali.data.prompts import XM3600_LANGS, build_prompt
 from pali.data.tasks import check_langs, split_words, supported_tasks
 from pali.eval.text import sacrebleu_tokenizer, tokenize_caption
 
+
 def test_every_registered_tag_is_a_language_in_canonical_form():
     assert len(MANY_LANGS) >= 100 and len(set(MANY_LANGS)) == len(MANY_LANGS)
     assert [canonical_lang(x) for x in MANY_LANGS] == list(MANY_LANGS)

@@ -43,9 +43,9 @@ def test_img2dataset_webdataset(tmp_path):
     """`KEY.jpg|jpeg|png|webp`, `KEY.txt`, `KEY.json` as img2dataset / LAION write them."""
     jpg, png, webp = _img("JPEG"), _img("PNG"), _img("WEBP")
     path = _tar(tmp_path / "00000.tar", [
-        ("00000/000000000.jpg", jpg), ("00000/000000000.txt", "a red wall".encode()),
+        ("00000/000000000.jpg", jpg), ("00000/000000000.txt", b"a red wall"),
         ("00000/000000000.json", _meta(key="000000000", url="http://x", LANGUAGE="en", status="success")),
-        ("00000/000000001.png", png), ("00000/000000001.txt", "un mur rouge".encode()),
+        ("00000/000000001.png", png), ("00000/000000001.txt", b"un mur rouge"),
         ("00000/000000001.json", _meta(key="000000001", language="FR")),
         ("00000/000000002.webp", webp), ("00000/000000002.json",
                                          _meta(lang="zh-hant", question="甚麼顏色？", answer="紅",
