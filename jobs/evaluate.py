@@ -1,6 +1,7 @@
 """Evaluate a serving checkpoint on shards: captioning (CIDEr-D, BLEU-4, chrF), VQA accuracy, OCR ANLS.
 
     python -m jobs.evaluate --checkpoint CKPT --data SHARDS [--tasks caption,vqa,ocr] [--langs en,fr]
+        [--column-map text=caption_en,lang=LANGUAGE] [--default-lang en]
         [--num-beams N] [--max-new-tokens N] [--batch-size N] [--num-actors N] --out DIR
 
 Writes DIR/predictions.jsonl (incrementally), DIR/metrics.json, DIR/report.md and DIR/per_language.png.
@@ -33,7 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shards: .parquet/.tar files, directories, globs or URIs (comma lists allowed)")
     p.add_argument("--tasks", type=_csv, default=None,
                    help="comma list of caption,vqa,ocr (default: every task the shards have references for)")
-    p.add_argument("--langs", type=_csv, default=None, help="comma list of BCP-47 codes (default: all)")
+    p.add_argument("--langs", type=_csv, default=None,
+                   help="comma list of BCP-47 tags, any registered one (default: all)")
+    p.add_argument("--column-map", default=None, metavar="KEY=COLUMN[,...]",
+                   help="read schema column KEY from source column / JSON key COLUMN "
+                        "(e.g. text=caption_en,lang=LANGUAGE)")
+    p.add_argument("--default-lang", default=None, metavar="CODE",
+                   help="BCP-47 language of rows that carry none (default: such rows are malformed)")
     p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest generated text in tokens")
     p.add_argument("--batch-size", type=int, default=16, help="examples per generate call")
@@ -53,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(args.checkpoint, args.data, tasks=args.tasks, langs=args.langs,
                            num_beams=args.num_beams, out_dir=args.out, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, num_actors=args.num_actors,
-                           use_gpu=False if args.cpu else None, dtype=args.dtype)
+                           use_gpu=False if args.cpu else None, dtype=args.dtype, column_map=args.column_map,
+                           default_lang=args.default_lang)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from pali.train.config import TrainConfig
 
 FLAG_GROUPS = {
     "model": ("preset", "init_from", "vision_pretrain_steps"),
-    "data": ("data", "eval_data", "tokenizer", "task_weights"),
+    "data": ("data", "eval_data", "tokenizer", "task_weights", "column_map", "default_lang"),
     "optimisation": ("steps", "global_batch", "micro_batch", "lr", "schedule", "warmup_steps", "min_lr_ratio",
                      "vision_lr_mult", "optimizer", "weight_decay", "grad_clip", "seed"),
     "layout": ("tp", "pp", "workers", "min_workers", "max_workers", "cpus_per_worker", "worker_resources", "use_gpu",
@@ -143,7 +143,8 @@ def evaluate_run(cfg: TrainConfig, final: str, local: Path) -> dict:
     """Held-out loss and samples, then the benchmark metrics, of the serving checkpoint; their summary."""
     from pali.train.heldout import dump, format_samples, heldout_report
 
-    rep = heldout_report(final, cfg.eval_data, num_examples=cfg.eval_examples, seed=cfg.seed + 1)
+    rep = heldout_report(final, cfg.eval_data, num_examples=cfg.eval_examples, seed=cfg.seed + 1,
+                         column_map=cfg.column_map, default_lang=cfg.default_lang)
     dump(rep, str(local / "heldout.json"))
     print(format_samples(rep))
     summary: dict = {"heldout": {k: rep[k] for k in ("loss", "loss_per_task", "exact_match")}}
@@ -151,7 +152,8 @@ def evaluate_run(cfg: TrainConfig, final: str, local: Path) -> dict:
         from pali.eval import evaluate
         from pali.eval.report import format_table
 
-        metrics = evaluate(final, cfg.eval_data, out_dir=str(local / "eval"))
+        metrics = evaluate(final, cfg.eval_data, out_dir=str(local / "eval"), column_map=cfg.column_map,
+                           default_lang=cfg.default_lang)
         print(format_table(metrics))
         summary["eval"] = metrics.get("overall", metrics)
     except Exception as e:  # the checkpoint and training record stay valid; say what failed

@@ -1,4 +1,5 @@
-"""Converters from real datasets to shards: COCO captions and VQAv2.
+"""Converters from real datasets to shards: COCO captions (one file per language), VQAv2, and any layout
+the readers take (img2dataset WebDataset, Hugging Face parquet) rewritten into the project's own.
 
 Images are copied as their original encoded bytes (or re-encoded as JPEG when `max_side` is given and
 the image is larger). Missing or undecodable image files and annotation entries without the needed
@@ -18,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from pali.data.prompts import check_lang
-from pali.data.schema import ShardWriter
+from pali.data.schema import ReadOptions, ShardWriter, iter_shard
 
 
 @dataclass
@@ -66,12 +67,15 @@ def _image_bytes(path: str, max_side: int | None, report: ConvertReport) -> byte
 
 def convert_coco_captions(captions_json: str, images_dir: str, out_dir: str, lang: str = "en",
                           fmt: str = "parquet", examples_per_shard: int = 256, max_side: int | None = None,
-                          prefix: str = "coco") -> ConvertReport:
+                          prefix: str = "coco", shard_prefix: str | None = None) -> ConvertReport:
     """COCO-format captions (`images` + `annotations` with `image_id`, `caption`) -> one row per image.
 
-    `text` is the first caption, `captions` all of them (evaluation references).
+    `text` is the first caption, `captions` all of them (evaluation references). Ids are
+    `{prefix}-{image_id}` whatever the language, so caption files of one image set in several languages
+    (COCO-35L) give rows with the same id in each language (examples are keyed by (id, lang, task));
+    `shard_prefix` (default `prefix`) names the shard files, so several languages can share `out_dir`.
     """
-    check_lang(lang)
+    lang = check_lang(lang)
     data = _load_json(captions_json, "COCO captions")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
@@ -84,7 +88,7 @@ def convert_coco_captions(captions_json: str, images_dir: str, out_dir: str, lan
             caps[a["image_id"]].append(" ".join(a["caption"].split()))
         else:
             report.skipped["malformed_annotation"] += 1
-    writer = ShardWriter(out_dir, prefix, examples_per_shard, fmt)
+    writer = ShardWriter(out_dir, shard_prefix or prefix, examples_per_shard, fmt)
     for im in sorted(data["images"], key=lambda d: str(d.get("id")) if isinstance(d, dict) else ""):
         if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
             report.skipped["malformed_image_entry"] += 1
@@ -121,7 +125,7 @@ def convert_vqa(questions_json: str, annotations_json: str, images_dir: str, out
     `answer` is `multiple_choice_answer` (else the most common annotator answer), `answers` all ten
     annotator answers (VQA-accuracy references); `text` is empty (no caption).
     """
-    check_lang(lang)
+    lang = check_lang(lang)
     qs = _load_json(questions_json, "VQA questions")
     ans = _load_json(annotations_json, "VQA annotations")
     if not isinstance(qs, dict) or not isinstance(qs.get("questions"), list):
@@ -166,5 +170,26 @@ def convert_vqa(questions_json: str, annotations_json: str, images_dir: str, out
         writer.add({"id": f"{prefix}-{q['question_id']}", "image": last[1], "lang": lang, "text": "",
                     "question": q["question"], "answer": answer, "answers": answers or [answer]})
         report.rows += 1
+    report.paths = writer.close()
+    return report
+
+
+def rewrite_shards(paths: list[str], out_dir: str, opts: ReadOptions | None = None, fmt: str = "parquet",
+                   examples_per_shard: int = 256, prefix: str = "shard") -> ConvertReport:
+    """Read shards in any layout the readers take (with `opts`' column map and default language) and write
+    their valid rows in the project's own layout; malformed rows are counted by reason, unreadable files
+    as `bad_shard`."""
+    report = ConvertReport()
+    writer = ShardWriter(out_dir, prefix, examples_per_shard, fmt)
+    for path in paths:
+        try:
+            for row, why in iter_shard(path, opts):
+                if row is None:
+                    report.skipped[f"malformed: {why}"] += 1
+                    continue
+                writer.add(row)
+                report.rows += 1
+        except Exception:
+            report.skipped["bad_shard"] += 1
     report.paths = writer.close()
     return report

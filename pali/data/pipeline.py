@@ -32,8 +32,8 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from pali import storage
-from pali.data.prompts import SUPPORTED_LANGS, TASKS, check_task, prompt_templates
-from pali.data.schema import SHARD_SUFFIXES, filesystem_for, iter_rows, read_shard
+from pali.data.prompts import COMMON_LANGS, TASKS, check_task, prompt_templates
+from pali.data.schema import SHARD_SUFFIXES, ReadOptions, filesystem_for, iter_rows, iter_shard
 from pali.data.tasks import (
     check_langs,
     check_weights,
@@ -47,7 +47,9 @@ from pali.data.tasks import (
 from pali.models import naflex
 from pali.tokenizer import Tokenizer
 
-_RAW_STRING_COLS = ("id", "lang", "text", "question", "answer", "ocr_text", "task", "captions", "answers")
+_RAW_STRING_COLS = ("id", "lang", "text", "question", "answer", "ocr_text", "task", "captions", "answers",
+                    "captions_tokenized")
+_RAW_JSON_COLS = ("captions", "answers", "captions_tokenized")
 _RAW_SCHEMA = pa.schema([(c, pa.string()) for c in _RAW_STRING_COLS]
                         + [("image", pa.binary()), ("shard_index", pa.int64())])
 
@@ -89,6 +91,13 @@ class DataConfig:
     float32[1 + max_num_patches, p*p*3]); 0 = resize to an image_size square."""
     max_num_patches: int = 256
     """NaFlex patch budget per image (the model's `vision.max_num_patches`)."""
+    column_map: dict[str, str] | str | None = None
+    """Schema column -> source column / JSON key (`{"text": "caption_en"}` or `"text=caption_en,lang=LANGUAGE"`),
+    for shards with other names (see `pali.data.schema.ALIASES` for the names read without one)."""
+    default_lang: str | None = None
+    """BCP-47 language of rows that carry none (None: such rows are malformed)."""
+    read_block_rows: int = 256
+    """Rows per block the read step emits: a shard streams through in blocks, never whole."""
 
     @classmethod
     def for_model(cls, model_cfg: Any, **kw: Any) -> DataConfig:
@@ -102,11 +111,17 @@ class DataConfig:
         """Raise ValueError naming the first bad field."""
         check_weights(self.task_weights)
         check_langs(self.langs)
-        for name in ("image_size", "max_text_len", "max_target_len", "batch_size", "map_batch_size"):
+        self.read_options()
+        for name in ("image_size", "max_text_len", "max_target_len", "batch_size", "map_batch_size",
+                     "read_block_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name}={getattr(self, name)}; expected >= 1")
         if not 0 < self.num_cpus_per_task <= 8:
             raise ValueError(f"DataConfig.num_cpus_per_task={self.num_cpus_per_task}; expected in (0, 8]")
+
+    def read_options(self) -> ReadOptions:
+        """The readers' column map and default language (validated)."""
+        return ReadOptions.make(self.column_map, self.default_lang)
 
 
 # --- shards ------------------------------------------------------------------------------------------
@@ -249,34 +264,39 @@ class DataStats:
 
 # --- operators ---------------------------------------------------------------------------------------
 
-def _read_op(langs: tuple[str, ...] | None, stats: DataStats | None):
-    def read(batch: dict[str, np.ndarray]) -> pa.Table:
-        cols: dict[str, list] = {c: [] for c in _RAW_SCHEMA.names}
+def _read_op(langs: tuple[str, ...] | None, stats: DataStats | None, opts: ReadOptions, block_rows: int = 256):
+    def empty() -> dict[str, list]:
+        return {c: [] for c in _RAW_SCHEMA.names}
+
+    def read(batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        # A generator: each yielded table is one output block, so a shard streams through in blocks of
+        # `block_rows` rows instead of being held whole by one task.
         counts = {"rows": 0, "bad_shards": 0, "malformed_rows": 0, "filtered_lang": 0}
+        cols = empty()
         for path, shard_index in zip(batch["path"], batch["shard_index"], strict=True):
             try:
-                contents = read_shard(str(path))
+                for row, _ in iter_shard(str(path), opts, block_rows):
+                    if row is None:
+                        counts["malformed_rows"] += 1
+                        continue
+                    counts["rows"] += 1
+                    if langs is not None and row["lang"] not in langs:
+                        counts["filtered_lang"] += 1
+                        continue
+                    for c in _RAW_STRING_COLS:
+                        v = row.get(c)
+                        cols[c].append(json.dumps(v, ensure_ascii=False) if c in _RAW_JSON_COLS and v
+                                       else (v or ""))
+                    cols["image"].append(row["image"])
+                    cols["shard_index"].append(int(shard_index))
+                    if len(cols["id"]) >= block_rows:
+                        yield pa.Table.from_pydict(cols, schema=_RAW_SCHEMA)
+                        cols = empty()
             except Exception:  # unreadable / truncated file: count it, keep the run going
                 counts["bad_shards"] += 1
-                continue
-            counts["malformed_rows"] += contents.malformed
-            for row in contents.rows:
-                counts["rows"] += 1
-                if row["lang"] not in SUPPORTED_LANGS:  # no prompt exists for it: a malformed row
-                    counts["malformed_rows"] += 1
-                    continue
-                if langs is not None and row["lang"] not in langs:
-                    counts["filtered_lang"] += 1
-                    continue
-                for c in _RAW_STRING_COLS:
-                    v = row.get(c)
-                    cols[c].append(json.dumps(v, ensure_ascii=False) if c in ("captions", "answers") and v
-                                   else (v or ""))
-                cols["image"].append(row["image"])
-                cols["shard_index"].append(int(shard_index))
         if stats is not None:
             stats.add(**counts)
-        return pa.Table.from_pydict(cols, schema=_RAW_SCHEMA)
+        yield pa.Table.from_pydict(cols, schema=_RAW_SCHEMA)
 
     return read
 
@@ -331,6 +351,8 @@ def _process_op(cfg: DataConfig, tokenizer: Tokenizer, stats: DataStats | None,
             out["prompt"] = np.array([e.prompt for e in examples], dtype=object)
             out["references"] = np.array([json.dumps(e.references, ensure_ascii=False) for e in examples],
                                          dtype=object)
+            out["tokenized_references"] = np.array(
+                [json.dumps(e.tokenized_references or [], ensure_ascii=False) for e in examples], dtype=object)
         if stats is not None:
             stats.add(**counts, examples=len(examples), images=int(out["image_mask"].sum()))
         return out
@@ -350,7 +372,8 @@ def _build(cfg: DataConfig, tokenizer: Tokenizer, shards: Sequence[str] | None, 
     langs = check_langs(cfg.langs)
     items = [{"path": p, "shard_index": i} for i, p in enumerate(shards)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_read_op(langs, stats), batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(_read_op(langs, stats, cfg.read_options(), cfg.read_block_rows), batch_size=1,
+                        batch_format="numpy",
                         num_cpus=cfg.num_cpus_per_task, **storage.remote_args())
     ds = ds.map_batches(_process_op(cfg, tokenizer, stats, eval_tasks), batch_size=cfg.map_batch_size,
                         batch_format="numpy", num_cpus=cfg.num_cpus_per_task)
@@ -389,8 +412,9 @@ def process_shard(cfg: DataConfig, tokenizer: Tokenizer, path: str) -> dict[str,
     examples exactly as `build_dataset` delivers them (padded to the config's fixed lengths), for
     inspection and benchmarks."""
     cfg.validate()
-    table = _read_op(check_langs(cfg.langs), None)({"path": np.array([path], dtype=object),
-                                                    "shard_index": np.array([0], dtype=np.int64)})
+    tables = _read_op(check_langs(cfg.langs), None, cfg.read_options(), cfg.read_block_rows)(
+        {"path": np.array([path], dtype=object), "shard_index": np.array([0], dtype=np.int64)})
+    table = pa.concat_tables(list(tables))
     rows = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
     rows["shard_index"] = rows["shard_index"].astype(np.int64)
     return _process_op(cfg, tokenizer, None, None)(rows)
@@ -406,7 +430,7 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in batch.items():
         v = np.asarray(v) if not isinstance(v, np.ndarray) else v
-        if k == "references":
+        if k in ("references", "tokenized_references"):
             out[k] = [json.loads(x) if isinstance(x, str) else [str(y) for y in x] for x in v]
         elif v.dtype == object or v.dtype.kind in "US":
             out[k] = [str(x) for x in v]
@@ -434,22 +458,29 @@ def iter_batches(it, batch_size: int, drop_last: bool = True, local_shuffle_buff
 
 # --- tokenizer from shards ---------------------------------------------------------------------------
 
-def shard_texts(shards: Sequence[str], max_rows: int = 20_000) -> Iterator[str]:
-    """Text of the shards (captions, questions, answers, OCR text) plus every prompt template."""
+def shard_texts(shards: Sequence[str], max_rows: int = 20_000, opts: ReadOptions | None = None) -> Iterator[str]:
+    """Text of the shards (captions, questions, answers, OCR text) plus the prompt templates of the common
+    languages (`pali.data.prompts.COMMON_LANGS`) and of every other language the rows are in."""
     templates = prompt_templates()
     for _ in range(5):  # prompts are in every example: weight them up
         yield from templates
-    for k, row in enumerate(iter_rows(shards)):
+    seen: dict[str, None] = {}
+    for k, row in enumerate(iter_rows(shards, opts)):
         if k >= max_rows:
             break
+        seen.setdefault(row["lang"])
         for key in ("text", "question", "answer", "ocr_text"):
             if row.get(key):
                 yield row[key]
         for key in ("captions", "answers"):
             yield from row.get(key) or []
+    others = tuple(lang for lang in seen if lang not in COMMON_LANGS)
+    for _ in range(5 if others else 0):
+        yield from prompt_templates(others)
 
 
 def train_tokenizer_from_shards(shards: Sequence[str], vocab_size: int, out_path: str | os.PathLike | None = None,
-                                max_rows: int = 20_000, seed: int = 0) -> Tokenizer:
-    """Train a unigram tokenizer (`Tokenizer.train`) on the text of `shards` and the prompt templates."""
-    return Tokenizer.train(shard_texts(shards, max_rows), vocab_size, out_path=out_path, seed=seed)
+                                max_rows: int = 20_000, seed: int = 0, opts: ReadOptions | None = None) -> Tokenizer:
+    """Train a unigram tokenizer (`Tokenizer.train`) on the text of `shards` and the prompt templates
+    (`opts`: the readers' column map and default language)."""
+    return Tokenizer.train(shard_texts(shards, max_rows, opts), vocab_size, out_path=out_path, seed=seed)

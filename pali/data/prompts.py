@@ -9,10 +9,14 @@
 | vqg | `Generate a question in {lang} for {answer}:` | the question |
 | span_corruption | (none: the input is the corrupted text, no image) | `<extra_id_0> span ...` |
 
-Templates are English with the target language code, as in PaLI (Chen et al. 2022, sec. 3.3).
+Templates are English with the target language code, as in PaLI (Chen et al. 2022, sec. 3.3). The
+language is any registered BCP-47 tag, written in its canonical form (`canonical_lang`, from
+`pali.data.langs`): prompts, training rows, evaluation and the HTTP API all validate through it.
 """
 
 from __future__ import annotations
+
+from pali.data.langs import canonical_lang
 
 TASKS: tuple[str, ...] = ("caption", "split_caption", "ocr", "vqa", "vqg", "span_corruption")
 """Every task of the training mixture."""
@@ -23,21 +27,28 @@ SERVING_TASKS: tuple[str, ...] = ("caption", "vqa", "ocr")
 SYNTHETIC_LANGS: tuple[str, ...] = ("en", "fr", "de", "es", "ru", "ar", "hi", "zh", "ja", "ko")
 """Languages of the synthetic corpus: Latin, Cyrillic, Arabic, Devanagari, Han, Kana and Hangul scripts."""
 
-SUPPORTED_LANGS: tuple[str, ...] = SYNTHETIC_LANGS + (
+XM3600_LANGS: tuple[str, ...] = (
+    "ar", "bn", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fil", "fr", "he", "hi", "hr", "hu", "id",
+    "it", "ja", "ko", "mi", "nl", "no", "pl", "pt", "quz", "ro", "ru", "sv", "sw", "te", "th", "tr", "uk",
+    "vi", "zh",
+)
+"""The 36 languages of Crossmodal-3600 (canonical tags; the dataset writes Hebrew as `iw`)."""
+
+COMMON_LANGS: tuple[str, ...] = SYNTHETIC_LANGS + (
     "it", "pt", "nl", "pl", "tr", "uk", "vi", "id", "th", "he", "fa", "bn", "ta", "sw", "el",
     "sv", "cs", "ro", "hu", "fi", "da", "no", "ms", "ur", "te", "mr", "zh-Hant",
 )
-"""BCP-47 codes accepted in prompts: the synthetic corpus's languages plus common real-data languages."""
+"""Widely used languages whose prompt templates every trained tokenizer includes (other languages' are
+added from the shards' rows); the order is fixed so tokenizers stay reproducible."""
 
-NO_SPACE_LANGS: frozenset[str] = frozenset({"zh", "zh-Hant", "ja", "th"})
-"""Languages written without spaces between words: split-captioning counts characters for them."""
+SUPPORTED_LANGS: tuple[str, ...] = COMMON_LANGS + tuple(x for x in XM3600_LANGS if x not in COMMON_LANGS)
+"""Well-known languages (common ones plus all of Crossmodal-3600's), listed by the API's discovery
+endpoint. Not a limit: every registered BCP-47 tag is accepted (`canonical_lang`)."""
 
 
 def check_lang(lang: str) -> str:
-    """Return `lang` if supported, else raise ValueError naming it and the allowed codes."""
-    if lang not in SUPPORTED_LANGS:
-        raise ValueError(f"unsupported language {lang!r}; expected one of {list(SUPPORTED_LANGS)}")
-    return lang
+    """The canonical form of `lang` (any registered BCP-47 tag), else ValueError naming it."""
+    return canonical_lang(lang)
 
 
 def check_task(task: str, allowed: tuple[str, ...] = TASKS) -> str:
@@ -52,13 +63,13 @@ def build_prompt(task: str, lang: str, question: str | None = None, position: in
     """The PaLI prompt of `task` in language `lang`.
 
     `question` is required for vqa, `answer` (or, positionally, `question`) for vqg. `position` is the
-    split point of split_caption (in words, or characters for languages without spaces; 0 for plain
-    captioning); the caller appends the caption's first `position` words after the colon
-    (see `pali.data.tasks.split_words`).
+    split point of split_caption (in words, or characters for scripts without spaces; 0 for plain
+    captioning; the caller appends the caption's first `position` words after the colon, see
+    `pali.data.tasks.split_words`); `lang` is any registered BCP-47 tag and appears in canonical form.
     span_corruption has no prompt (returns "").
     """
     check_task(task)
-    check_lang(lang)
+    lang = canonical_lang(lang)
     if position < 0:
         raise ValueError(f"split position {position}; expected >= 0")
     if task in ("caption", "split_caption"):
@@ -77,10 +88,10 @@ def build_prompt(task: str, lang: str, question: str | None = None, position: in
     return ""
 
 
-def prompt_templates() -> list[str]:
-    """Every prompt skeleton in every supported language (text to include when training a tokenizer)."""
+def prompt_templates(langs: tuple[str, ...] = COMMON_LANGS) -> list[str]:
+    """Every prompt skeleton in each of `langs` (text to include when training a tokenizer)."""
     out = []
-    for lang in SUPPORTED_LANGS:
+    for lang in langs:
         out += [build_prompt("caption", lang), build_prompt("split_caption", lang, position=3),
                 build_prompt("ocr", lang), build_prompt("vqa", lang, question="?"),
                 build_prompt("vqg", lang, answer="1")]

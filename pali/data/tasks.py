@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pali.data.prompts import NO_SPACE_LANGS, SUPPORTED_LANGS, TASKS, build_prompt
+from pali.data.langs import canonical_lang, split_units, splits_by_character
+from pali.data.prompts import TASKS, build_prompt
 from pali.tokenizer import Tokenizer
 
 TEXT_ONLY_TASKS = frozenset({"span_corruption"})
@@ -34,6 +35,9 @@ class Example:
     """Pre-tokenized prompt (span corruption works on tokens); None = tokenize `prompt`."""
     label_ids: list[int] | None = None
     """Pre-tokenized target without eos; None = tokenize `target`."""
+    tokenized_references: list[str] | None = None
+    """`references` pre-tokenized, space-separated (a benchmark's own tokenization, e.g. XM3600's
+    `caption/tokenized`); None = the metrics tokenize `references` themselves."""
 
     @property
     def uses_image(self) -> bool:
@@ -47,10 +51,9 @@ def row_rng(seed: int, row_id: str, salt: int = 0) -> np.random.Generator:
 
 
 def split_words(text: str, lang: str) -> tuple[list[str], str]:
-    """Units split-captioning counts (characters for `NO_SPACE_LANGS`, else words) and their joiner."""
-    if lang in NO_SPACE_LANGS:
-        return list(text), ""
-    return text.split(), " "
+    """Units split-captioning counts (characters when the language's script writes no spaces between words,
+    else words) and their joiner (`pali.data.langs.split_units`)."""
+    return split_units(text, lang)
 
 
 def supported_tasks(row: Mapping[str, Any]) -> list[str]:
@@ -65,7 +68,7 @@ def supported_tasks(row: Mapping[str, Any]) -> list[str]:
         out.append("ocr")
     if row.get("question") and row.get("answer"):
         out += ["vqa", "vqg"]
-    if len(text.split()) >= 2 or (row["lang"] in NO_SPACE_LANGS and len(text) >= 2):
+    if len(text.split()) >= 2 or (splits_by_character(row["lang"]) and len(text) >= 2):
         out.append("span_corruption")
     forced = row.get("task")
     if forced:
@@ -134,7 +137,9 @@ def make_example(row: Mapping[str, Any], task: str, tokenizer: Tokenizer, rng: n
     if task == "caption":
         refs = _json_list(row.get("captions")) or [text]
         target = text if not row.get("captions") else refs[int(rng.integers(len(refs)))]
-        return Example(task, build_prompt("caption", lang), target, refs)
+        tokenized = _json_list(row.get("captions_tokenized"))
+        return Example(task, build_prompt("caption", lang), target, refs,
+                       tokenized_references=tokenized if len(tokenized) == len(refs) else None)
     if task == "split_caption":
         units, joiner = split_words(text, lang)
         k = int(rng.integers(1, len(units)))
@@ -198,10 +203,18 @@ def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
 
 
 def check_langs(langs: Sequence[str] | None) -> tuple[str, ...] | None:
-    """Validate a language filter against `SUPPORTED_LANGS`."""
+    """A language filter in canonical form (None = every language); an unregistered tag raises ValueError
+    naming it."""
     if langs is None:
         return None
-    bad = [lang for lang in langs if lang not in SUPPORTED_LANGS]
+    bad = []
+    out = []
+    for lang in langs:
+        try:
+            out.append(canonical_lang(lang))
+        except ValueError:
+            bad.append(lang)
     if bad:
-        raise ValueError(f"unsupported languages {bad}; expected some of {list(SUPPORTED_LANGS)}")
-    return tuple(langs)
+        raise ValueError(f"unsupported languages {bad}: not registered BCP-47 language tags; expected tags "
+                         "such as 'en', 'zh-Hant', 'quz'")
+    return tuple(dict.fromkeys(out))

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pali.data.prompts import SUPPORTED_LANGS
+from pali.data.langs import canonical_lang
 
 EVAL_TASKS: tuple[str, ...] = ("caption", "vqa", "ocr")
 """Tasks the evaluator scores."""
@@ -29,14 +29,20 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 
 
 def check_langs(langs: Sequence[str] | None) -> tuple[str, ...] | None:
-    """Validated language filter (None = every language); an unsupported code raises ValueError."""
+    """Validated language filter in canonical form (None = every language); an unregistered tag raises
+    ValueError naming it."""
     if langs is None:
         return None
-    bad = [lang for lang in langs if lang not in SUPPORTED_LANGS]
+    bad, out = [], []
+    for lang in langs:
+        try:
+            out.append(canonical_lang(lang))
+        except ValueError:
+            bad.append(lang)
     if bad or not langs:
-        raise ValueError(f"unknown language filter {bad or list(langs)}; expected BCP-47 codes among "
-                         f"{list(SUPPORTED_LANGS)}")
-    return tuple(dict.fromkeys(langs))
+        raise ValueError(f"unknown language filter {bad or list(langs)}: expected registered BCP-47 tags "
+                         "such as 'en', 'zh-Hant', 'quz'")
+    return tuple(dict.fromkeys(out))
 
 
 def _image_ok(data: Any) -> bool:
@@ -53,14 +59,15 @@ def count_examples(rows: Iterable[dict[str, Any]], tasks: Sequence[str], langs: 
                    check_images: bool = True) -> dict[str, Any]:
     """Examples per (task, lang) the eval pipeline will produce from `rows`, and why rows yield none.
 
-    Returns {"examples": Counter[(task, lang)], "langs": Counter[lang] (rows present, before the filter),
-    "unsupported_langs": Counter[lang], "bad_images": int}.
+    Rows come from the readers, so their `lang` is already a canonical registered tag. Returns
+    {"examples": Counter[(task, lang)], "langs": Counter[lang] (rows present, before the filter),
+    "keys": Counter[(id, lang)] of the rows that yield examples, "bad_images": int}.
     """
     from pali.data.tasks import supported_tasks
 
     examples: Counter[tuple[str, str]] = Counter()
     present: Counter[str] = Counter()
-    unsupported: Counter[str] = Counter()
+    keys: Counter[tuple[str, str]] = Counter()
     bad_images = 0
     for row in rows:
         lang = str(row.get("lang") or "")
@@ -70,13 +77,10 @@ def count_examples(rows: Iterable[dict[str, Any]], tasks: Sequence[str], langs: 
         have = [t for t in tasks if t in supported_tasks(row)]
         if not have:
             continue
-        if lang not in SUPPORTED_LANGS:
-            unsupported[lang] += 1
-            continue
         if check_images and not _image_ok(row.get("image")):
             bad_images += 1
             continue
+        keys[(str(row["id"]), lang)] += 1
         for t in have:
             examples[(t, lang)] += 1
-    return {"examples": examples, "langs": present, "unsupported_langs": unsupported,
-            "bad_images": bad_images}
+    return {"examples": examples, "langs": present, "keys": keys, "bad_images": bad_images}

@@ -29,8 +29,10 @@ from pali import storage
 
 log = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS: tuple[str, ...] = ("id", "lang", "task", "prompt", "prediction", "references", "error")
-"""Fields of one prediction record (`references` is a list of strings, `error` "" when fine)."""
+OUTPUT_COLUMNS: tuple[str, ...] = ("id", "lang", "task", "prompt", "prediction", "references",
+                                   "tokenized_references", "error")
+"""Fields of one prediction record (`references` a list of strings; `tokenized_references` the benchmark's
+own space-separated tokenization of them, [] when the data has none; `error` "" when fine)."""
 
 
 @dataclass
@@ -104,7 +106,9 @@ class Predictor:
 
         return {"id": strings(batch["id"]), "lang": strings(batch["lang"]), "task": strings(batch["task"]),
                 "prompt": strings(batch["prompt"]), "prediction": strings(predictions),
-                "references": strings(batch["references"]), "error": strings(errors)}
+                "references": strings(batch["references"]),
+                "tokenized_references": strings(batch.get("tokenized_references", ["[]"] * n)),
+                "error": strings(errors)}
 
 
 def cluster_gpus() -> int:
@@ -115,11 +119,12 @@ def cluster_gpus() -> int:
 
 
 def predict(shards: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | None, cfg: InferenceConfig,
-            stats: Any = None) -> Iterator[list[dict[str, Any]]]:
+            stats: Any = None, read_options: Any = None) -> Iterator[list[dict[str, Any]]]:
     """Stream batches of prediction records (dicts with `OUTPUT_COLUMNS`) for every example of `shards`.
 
     Needs a connected Ray instance; batches arrive in completion order. `stats`: a
-    `pali.data.pipeline.DataStats` to count skipped rows into.
+    `pali.data.pipeline.DataStats` to count skipped rows into; `read_options`: the readers'
+    `pali.data.schema.ReadOptions` (column map, default language).
     """
     import ray
 
@@ -130,8 +135,10 @@ def predict(shards: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | 
     checkpoint = cfg.checkpoint if storage.is_uri(cfg.checkpoint) else os.path.abspath(cfg.checkpoint)
     model_cfg = load_config(checkpoint)
     tokenizer = Tokenizer.load(os.path.join(checkpoint, TOKENIZER_FILE))
+    extra = {} if read_options is None else {"column_map": dict(read_options.column_map),
+                                             "default_lang": read_options.default_lang}
     data_cfg = DataConfig.for_model(model_cfg, langs=list(langs) if langs else None,
-                                    map_batch_size=max(cfg.batch_size, 16))
+                                    map_batch_size=max(cfg.batch_size, 16), **extra)
     ds = build_eval_dataset(data_cfg, tokenizer, tasks=tuple(tasks), shards=list(shards), stats=stats)
 
     gpus = cluster_gpus()
@@ -156,5 +163,7 @@ def predict(shards: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | 
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         yield [{"id": str(batch["id"][i]), "lang": str(batch["lang"][i]), "task": str(batch["task"][i]),
                 "prompt": str(batch["prompt"][i]), "prediction": str(batch["prediction"][i]),
-                "references": json.loads(str(batch["references"][i])), "error": str(batch["error"][i])}
+                "references": json.loads(str(batch["references"][i])),
+                "tokenized_references": json.loads(str(batch["tokenized_references"][i]) or "[]"),
+                "error": str(batch["error"][i])}
                for i in range(len(batch["id"]))]

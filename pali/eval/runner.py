@@ -102,28 +102,45 @@ def ensure_ray() -> None:
         ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
 
 
-def _scan_shard(path: str, tasks: tuple[str, ...], langs: tuple[str, ...] | None) -> dict[str, Any]:
+def _scan_shard(path: str, tasks: tuple[str, ...], langs: tuple[str, ...] | None, opts: Any = None) -> dict[str, Any]:
     from pali.data.schema import read_shard
 
     try:
-        contents = read_shard(path)
+        contents = read_shard(path, opts)
     except Exception as e:
         return {"path": path, "error": f"{type(e).__name__}: {e}"}
     counts = count_examples(contents.rows, tasks, langs)
-    return {"path": path, "error": None, "malformed": contents.malformed,
+    return {"path": path, "error": None, "malformed": contents.malformed, "reasons": dict(contents.reasons),
             "examples": list(counts["examples"].items()), "langs": dict(counts["langs"]),
-            "unsupported_langs": dict(counts["unsupported_langs"]), "bad_images": counts["bad_images"]}
+            "keys": list(counts["keys"].items()), "bad_images": counts["bad_images"]}
+
+
+def _duplicate_rows(results: list[dict[str, Any]]) -> str | None:
+    """A sentence naming rows that share (id, lang), or None when every row's key is unique."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        for (row_id, lang), n in r["keys"]:
+            where.setdefault((row_id, lang), []).extend([os.path.basename(r["path"])] * n)
+    dup = [(k, v) for k, v in where.items() if len(v) > 1]
+    if not dup:
+        return None
+    shown = "; ".join(f"id {i!r} in language {lang!r} ({len(v)} rows: {', '.join(sorted(set(v))[:3])})"
+                      for (i, lang), v in dup[:3])
+    return (f"{len(dup)} example key(s) occur in more than one row: {shown}. Evaluation identifies an example "
+            "by (id, lang, task), so the same image may appear once per language, but ids must be unique within "
+            "a language: remove the duplicate rows or give them distinct ids")
 
 
 def scan_shards(paths: Sequence[str], tasks: Sequence[str], langs: Sequence[str] | None,
-                ray_tasks_above: int = 8) -> dict[str, Any]:
-    """Examples per (task, lang), languages present, malformed rows and bad images.
+                ray_tasks_above: int = 8, opts: Any = None) -> dict[str, Any]:
+    """Examples per (task, lang), languages present, malformed rows (and why) and bad images.
 
     Up to `ray_tasks_above` shards are scanned on the driver (threads; starting Ray workers costs more
-    than reading a few shards), more with one Ray task per shard. An unreadable shard, or rows in a
-    language the prompts do not support, raise ValueError naming them (before any inference starts).
+    than reading a few shards), more with one Ray task per shard. An unreadable shard, or two rows with the
+    same (id, lang), raise ValueError naming them (before any inference starts). `opts`: the readers'
+    `pali.data.schema.ReadOptions` (column map, default language).
     """
-    args = (tuple(tasks), tuple(langs) if langs else None)
+    args = (tuple(tasks), tuple(langs) if langs else None, opts)
     if len(paths) <= ray_tasks_above:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -137,18 +154,20 @@ def scan_shards(paths: Sequence[str], tasks: Sequence[str], langs: Sequence[str]
     bad = [f"{r['path']}: {r['error']}" for r in results if r["error"]]
     if bad:
         raise ValueError(f"{len(bad)} shard(s) could not be read: {bad[:5]}")
+    duplicates = _duplicate_rows(results)
+    if duplicates:
+        raise ValueError(duplicates)
     examples: Counter[tuple[str, str]] = Counter()
     present: Counter[str] = Counter()
-    unsupported: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
     for r in results:
         examples.update({tuple(k): v for k, v in r["examples"]})
         present.update(r["langs"])
-        unsupported.update(r["unsupported_langs"])
-    if unsupported:
-        raise ValueError(f"rows in unsupported languages {dict(unsupported)} (no prompt template); pass a "
-                         f"language filter among {sorted(set(present) - set(unsupported))}")
+        reasons.update(r["reasons"])
+    if reasons:
+        log.warning("skipping %d malformed rows: %s", sum(reasons.values()), dict(reasons.most_common(5)))
     return {"examples": examples, "langs": present, "malformed": sum(r["malformed"] for r in results),
-            "bad_images": sum(r["bad_images"] for r in results)}
+            "malformed_reasons": dict(reasons), "bad_images": sum(r["bad_images"] for r in results)}
 
 
 def _resolve_tasks(requested: Sequence[str] | None, examples: Counter, paths: Sequence[str],
@@ -189,7 +208,7 @@ def _check_langs_present(langs: tuple[str, ...] | None, present: Counter) -> Non
 
 
 def _predict_to_file(pred_path: Path, paths: list[str], tasks: tuple[str, ...], langs: tuple[str, ...] | None,
-                     cfg: InferenceConfig) -> tuple[list[dict[str, Any]], Any]:
+                     cfg: InferenceConfig, opts: Any = None) -> tuple[list[dict[str, Any]], Any]:
     """Stream predictions into `pred_path` (flushed per batch), then read them back; returns the records and
     the pipeline's `DataStats`."""
     from pali.data.pipeline import DataStats
@@ -199,7 +218,7 @@ def _predict_to_file(pred_path: Path, paths: list[str], tasks: tuple[str, ...], 
     written = 0
     with open(pred_path, "w", encoding="utf-8") as f:
         try:
-            for rows in predict(paths, tasks, langs, cfg, stats=stats):
+            for rows in predict(paths, tasks, langs, cfg, stats=stats, read_options=opts):
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 written += len(rows)
@@ -220,6 +239,7 @@ def _run_summary(checkpoint: str, model_cfg: dict[str, Any], paths: list[str], t
         "tasks": list(tasks), "langs": list(langs) if langs else None, "num_beams": cfg.num_beams,
         "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "num_predictions": len(records),
         "prediction_errors": sum(1 for r in records if r.get("error")), "malformed_rows": scan["malformed"],
+        "malformed_reasons": scan["malformed_reasons"],
         "bad_images": scan["bad_images"], "data_stats": stats.get(),
         "wall_s": round(infer_s, 2), "examples_per_s": round(len(records) / max(infer_s, 1e-9), 3),
     }
@@ -231,8 +251,14 @@ _REPORT_RUN_KEYS = ("checkpoint", "preset", "num_shards", "tasks", "langs", "num
 
 
 def _prediction_counts(records: list[dict[str, Any]]) -> tuple[Counter, Counter]:
-    """Predictions per (task, lang) and per (id, task)."""
-    return Counter((r["task"], r["lang"]) for r in records), Counter((r["id"], r["task"]) for r in records)
+    """Predictions per (task, lang) and per example key (id, lang, task)."""
+    return (Counter((r["task"], r["lang"]) for r in records),
+            Counter((r["id"], r["lang"], r["task"]) for r in records))
+
+
+def _describe(counts: Counter) -> str:
+    """"caption in fr: 2, vqa in en: 1" for a Counter of (task, lang)."""
+    return ", ".join(f"{task} in {lang}: {n}" for (task, lang), n in sorted(counts.items()))
 
 
 def _check_predictions(records: list[dict[str, Any]], got: Counter, keys: Counter, expected: Counter,
@@ -244,31 +270,45 @@ def _check_predictions(records: list[dict[str, Any]], got: Counter, keys: Counte
                            f"{failed[0]['error']}); outputs kept in {out}")
     duplicates = [k for k, n in keys.items() if n > 1]
     if got != expected or duplicates:
-        raise RuntimeError(f"predicted {sum(got.values())} examples but the shards hold "
-                           f"{sum(expected.values())} (missing {dict(expected - got)}, "
-                           f"extra {dict(got - expected)}, duplicate ids "
-                           f"{duplicates[:5]}); outputs kept in {out}")
+        problems = []
+        if expected - got:
+            problems.append(f"examples the shards hold that got no prediction ({_describe(expected - got)})")
+        if got - expected:
+            problems.append(f"predictions for examples the scan did not find ({_describe(got - expected)})")
+        if duplicates:
+            shown = ", ".join(f"(id {i!r}, lang {lang!r}, task {t!r})" for i, lang, t in duplicates[:3])
+            problems.append(f"{len(duplicates)} example(s) predicted more than once: {shown}")
+        raise RuntimeError(f"the {sum(got.values())} predictions do not match the {sum(expected.values())} "
+                           f"examples of the shards: {'; '.join(problems)}. An example is identified by (id, lang, "
+                           f"task); this usually means the shards changed during the run, or an inference actor "
+                           f"was restarted and redid a batch: rerun the evaluation. Outputs kept in {out}")
 
 
 def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[str] | None = None,
              langs: Sequence[str] | None = None, num_beams: int = 1, out_dir: str = "eval_out",
              max_new_tokens: int = 32, batch_size: int = 16, num_actors: int | None = None,
-             use_gpu: bool | None = None, dtype: str | None = None) -> dict[str, Any]:
+             use_gpu: bool | None = None, dtype: str | None = None, column_map: str | dict[str, str] | None = None,
+             default_lang: str | None = None) -> dict[str, Any]:
     """Evaluate a serving checkpoint on shards; writes predictions.jsonl, metrics.json, report.md.
 
     tasks: subset of ("caption", "vqa", "ocr"); None = every task the shards have references for
     (an explicitly requested task without references is an error). langs: BCP-47 filter, None = all.
+    column_map / default_lang: how the readers name the columns and the language of rows without one
+    (`pali.data.schema.ReadOptions`). An example is identified by (id, lang, task).
     Returns the metrics dict (see `pali.eval.metrics.compute_metrics`) with a "run" section added.
     """
     if tasks is not None:
         tasks = check_tasks(tasks)
     langs = check_langs(langs)
+    from pali.data.schema import ReadOptions
+
+    opts = ReadOptions.make(column_map, default_lang)
     _check_decoding_args(num_beams, batch_size, max_new_tokens)
     paths = list_shard_paths(data_paths)
     model_cfg = check_checkpoint(checkpoint)
 
     t0 = time.time()
-    scan = scan_shards(paths, tasks or EVAL_TASKS, langs)
+    scan = scan_shards(paths, tasks or EVAL_TASKS, langs, opts=opts)
     _check_langs_present(langs, scan["langs"])
     tasks = _resolve_tasks(tasks, scan["examples"], paths, langs)
     expected = Counter({k: v for k, v in scan["examples"].items() if k[0] in tasks})
@@ -277,7 +317,7 @@ def evaluate(checkpoint: str, data_paths: str | Sequence[str], tasks: Sequence[s
     out.mkdir(parents=True, exist_ok=True)
     cfg = InferenceConfig(checkpoint=checkpoint, num_beams=num_beams, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, dtype=dtype)
-    records, stats = _predict_to_file(out / "predictions.jsonl", paths, tasks, langs, cfg)
+    records, stats = _predict_to_file(out / "predictions.jsonl", paths, tasks, langs, cfg, opts)
     infer_s = time.time() - t0
 
     metrics = compute_metrics(records)

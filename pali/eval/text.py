@@ -1,7 +1,9 @@
 """Language-aware text handling shared by the metrics.
 
-Captions in space-delimited languages are split into words; zh, ja and th have no word boundaries, so
-multilingual captioning benchmarks (Crossmodal-3600, as reported in PaLI) score them on characters.
+Captions in space-delimited languages are split into words; languages whose script writes no spaces
+between words (Han, Kana, Thai, Lao, Khmer, Myanmar, Tibetan: `pali.data.langs.CHARACTER_SCRIPTS`) are
+scored on characters, as multilingual captioning benchmarks (Crossmodal-3600, as reported in PaLI) do.
+The script comes from the tag (`zh-Latn`: words) or the language's likely script (`yue` -> Hant).
 Korean separates words with spaces and is treated as space-delimited.
 """
 
@@ -9,8 +11,7 @@ from __future__ import annotations
 
 import unicodedata
 
-CHAR_LANGS: frozenset[str] = frozenset({"zh", "ja", "th"})
-"""Primary language subtags scored on characters instead of words."""
+from pali.data.langs import is_han, is_valid_lang, splits_by_character
 
 
 def primary_lang(lang: str) -> str:
@@ -19,8 +20,8 @@ def primary_lang(lang: str) -> str:
 
 
 def is_char_lang(lang: str) -> bool:
-    """True for languages scored per character (zh, ja, th)."""
-    return primary_lang(lang) in CHAR_LANGS
+    """True for languages scored per character (their script writes no spaces between words)."""
+    return is_valid_lang(lang) and splits_by_character(lang)
 
 
 def _is_punct(ch: str) -> bool:
@@ -32,7 +33,7 @@ def tokenize_caption(text: str, lang: str) -> list[str]:
     """Caption tokens for CIDEr: lower-cased, punctuation dropped, NFC-normalised.
 
     Space-delimited languages: punctuation becomes a space, then whitespace splits words
-    ("A dog, running." -> ["a", "dog", "running"]). zh / ja / th: punctuation and whitespace are
+    ("A dog, running." -> ["a", "dog", "running"]). Character scripts: punctuation and whitespace are
     dropped and every remaining character is a token ("一只狗。" -> ["一", "只", "狗"]).
     """
     text = unicodedata.normalize("NFC", text).lower()
@@ -41,15 +42,27 @@ def tokenize_caption(text: str, lang: str) -> list[str]:
     return "".join(" " if _is_punct(ch) else ch for ch in text).split()
 
 
+def tokenize_reference(tokenized: str, lang: str) -> list[str]:
+    """CIDEr tokens of a pre-tokenized reference (space-separated, e.g. XM3600's `caption/tokenized`).
+
+    The published tokens are put through the same rules as the predictions (`tokenize_caption`:
+    lower-case, punctuation dropped; characters for character scripts), so a prediction and its
+    references are always tokenized alike; the segmentation and spelling are the benchmark's.
+    """
+    return tokenize_caption(tokenized, lang)
+
+
 def sacrebleu_tokenizer(lang: str) -> str:
-    """The sacrebleu tokenizer name for a language: "zh" for Chinese, "char" for ja / th, else "13a".
+    """The sacrebleu tokenizer name for a language: "zh" for Han-script languages (Chinese, Cantonese),
+    "char" for the other character scripts (Japanese, Thai, Khmer, ...), else "13a".
 
     None of these needs an extra dependency (sacrebleu's "ja-mecab" / "ko-mecab" would).
     """
-    primary = primary_lang(lang)
-    if primary == "zh":
+    if not is_valid_lang(lang):
+        return "13a"
+    if is_han(lang):
         return "zh"
-    if primary in CHAR_LANGS:
+    if splits_by_character(lang):
         return "char"
     return "13a"
 

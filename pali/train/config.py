@@ -31,6 +31,11 @@ class TrainConfig:
     """Held-out shards for the end-of-run loss, samples and evaluation."""
     tokenizer: str | None = None
     """sentencepiece `.model` to use; None trains one from the training shards' text."""
+    column_map: str | None = None
+    """Shard columns under other names, `KEY=COLUMN[,...]` (e.g. `text=caption_en,lang=LANGUAGE`): schema column
+    KEY is read from source column / JSON key COLUMN (training and held-out data)."""
+    default_lang: str | None = None
+    """BCP-47 language of rows that carry none (None: such rows are malformed and skipped)."""
     task_weights: dict[str, float] | None = field(default_factory=lambda: {
         "caption": 3.0, "vqa": 3.0, "ocr": 2.0, "split_caption": 1.0, "vqg": 0.5, "span_corruption": 0.5})
     """Task mixture weights (None: the data pipeline's default mixture); the default leans on the tasks the
@@ -136,6 +141,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value and "://" in value and not value.split("://", 1)[1].strip("/"):
                 raise ValueError(f"{name} {value!r} names no bucket or path")
+        from pali.data.schema import ReadOptions
+
+        ReadOptions.make(self.column_map, self.default_lang)  # ValueError naming a bad entry or language
         if not self.vision_lr_mult > 0:
             raise ValueError(f"vision_lr_mult must be > 0; got {self.vision_lr_mult} (freeze the tower with "
                              "freeze_vision instead)")

@@ -11,13 +11,16 @@ import torch
 
 @torch.no_grad()
 def heldout_report(ckpt_dir: str, eval_paths: list[str], num_examples: int = 64, seed: int = 0,
-                   samples_per_lang: int = 2) -> dict[str, Any]:
-    """Loss over `num_examples` held-out training-style examples and greedy samples of eval examples."""
+                   samples_per_lang: int = 2, column_map: str | None = None,
+                   default_lang: str | None = None) -> dict[str, Any]:
+    """Loss over `num_examples` held-out training-style examples and greedy samples of eval examples
+    (`column_map` / `default_lang`: how the shards name their columns, see `pali.data.schema.ReadOptions`)."""
     from pali.data.pipeline import DataConfig, build_dataset, build_eval_dataset, collate
     from pali.serving_checkpoint import load_pretrained
 
     model, tok = load_pretrained(ckpt_dir)
-    dcfg = DataConfig.for_model(model.cfg, seed=seed, paths=list(eval_paths))
+    dcfg = DataConfig.for_model(model.cfg, seed=seed, paths=list(eval_paths), column_map=column_map,
+                                default_lang=default_lang)
     batch = collate(build_dataset(dcfg, tok).limit(num_examples).take_batch(num_examples, batch_format="numpy"))
     out = model(pixel_values=batch["pixel_values"].float(), input_ids=batch["input_ids"].long(),
                 attention_mask=batch["attention_mask"].long(), labels=batch["labels"].long(),

@@ -48,12 +48,14 @@ def data_config(cfg: TrainConfig, mcfg: PaLIConfig):
     from pali.data.pipeline import DataConfig
 
     return DataConfig.for_model(mcfg, task_weights=cfg.task_weights or DataConfig().task_weights, seed=cfg.seed,
-                                batch_size=cfg.micro_batch, stats_name=f"pali-data-stats-{cfg.name}")
+                                batch_size=cfg.micro_batch, stats_name=f"pali-data-stats-{cfg.name}",
+                                column_map=cfg.column_map, default_lang=cfg.default_lang)
 
 
 def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
     """Tokenizer, training shard list and model config (generating the default data when absent)."""
     from pali.data.pipeline import list_shards, train_tokenizer_from_shards
+    from pali.data.schema import ReadOptions
     from pali.tokenizer import Tokenizer
 
     image_size = max(16, model_config(cfg).vision.image_size)  # drawn at the size the model reads
@@ -69,7 +71,8 @@ def prepare(cfg: TrainConfig) -> tuple[Any, list[str], PaLIConfig]:
         vocab = get_preset(cfg.preset).with_overrides(**cfg.model_overrides).text.vocab_size
         tok_path = cfg.local_output_dir() / "tokenizer.model"
         tok = Tokenizer.load(tok_path) if tok_path.is_file() else \
-            train_tokenizer_from_shards(shards, vocab, out_path=tok_path, seed=cfg.seed)
+            train_tokenizer_from_shards(shards, vocab, out_path=tok_path, seed=cfg.seed,
+                                        opts=ReadOptions.make(cfg.column_map, cfg.default_lang))
     mcfg = model_config(cfg, tok.vocab_size)
     if tok.vocab_size > mcfg.text.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "

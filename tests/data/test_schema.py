@@ -24,11 +24,13 @@ def _png(colour=(255, 0, 0)) -> bytes:
 ROWS = [
     {"id": "a.1/x", "image": _png(), "lang": "en", "text": "a red square", "question": "what colour?",
      "answer": "red", "ocr_text": None, "task": None, "captions": ["a red square", "red box"], "answers": None,
-     "image_labels": ["colour:red", "shape:square"]},
+     "image_labels": ["colour:red", "shape:square"], "captions_tokenized": None},
     {"id": "b", "image": _png((0, 0, 255)), "lang": "ar", "text": "مربع أزرق", "question": None, "answer": None,
-     "ocr_text": "قف", "task": "ocr", "captions": None, "answers": ["أزرق", "أزرق"], "image_labels": None},
+     "ocr_text": "قف", "task": "ocr", "captions": None, "answers": ["أزرق", "أزرق"], "image_labels": None,
+     "captions_tokenized": None},
     {"id": "c", "image": _png((0, 255, 0)), "lang": "zh", "text": "", "question": None, "answer": None,
-     "ocr_text": None, "task": None, "captions": None, "answers": None, "image_labels": None},
+     "ocr_text": None, "task": None, "captions": None, "answers": None, "image_labels": None,
+     "captions_tokenized": ["a b"]},
 ]
 
 

@@ -53,7 +53,8 @@ def test_evaluate_job_end_to_end(ray_cluster, tiny_eval, tmp_path, capsys):
     assert set(keys) == _expected(tiny_eval["shards"], ("caption", "vqa", "ocr"))
     assert {r["task"] for r in records} == {"caption", "vqa", "ocr"}
     for r in records:
-        assert set(r) == {"id", "lang", "task", "prompt", "prediction", "references", "error"}
+        assert set(r) == {"id", "lang", "task", "prompt", "prediction", "references", "tokenized_references",
+                          "error"}
         assert r["references"] and all(isinstance(x, str) for x in r["references"])
         assert r["error"] == ""
         assert r["prompt"].startswith("Answer in " if r["task"] == "vqa" else "Generate the ")

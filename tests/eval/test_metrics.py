@@ -40,7 +40,7 @@ def test_chrf_hand_computed():
 
 
 def test_task_metrics_and_empty_predictions():
-    assert task_metrics("vqa", [], [], "en") == {"accuracy": 0.0, "exact_match": 0.0}
+    assert task_metrics("vqa", [], [], "en") == {"accuracy": 0.0, "exact_match": 0.0, "anls": 0.0}
     ocr = task_metrics("ocr", ["", "exit"], [["exit"], ["exit"]], "en")
     assert ocr == {"anls": 50.0, "exact_match": 50.0}
     with pytest.raises(ValueError, match="unknown task 'retrieval'"):
