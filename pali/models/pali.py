@@ -212,8 +212,8 @@ def hardware_flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int
                                recompute_head: bool = False) -> float:
     """FLOPs the hardware executes per training example (the HFU numerator): model FLOPs plus the forwards
     run again in backward. checkpointing: every trained transformer block (ViT blocks only when trained)
-    recomputes its forward but its last matmul; recompute_head: the chunked loss (`pali.models.chunked_loss`) recomputes the
-    output head's logits in backward."""
+    recomputes its forward but its last matmul; recompute_head: the chunked loss
+    (`pali.models.chunked_loss`) recomputes the output head's logits in backward."""
     fwd = forward_flops(cfg, prompt_len, target_len)
     extra = 0.0
     if checkpointing:

@@ -71,7 +71,8 @@ def stage_flops(cfg: PaLIConfig, stage: Stage, geo: Geometry, checkpointing: boo
     extra = 0.0
     if checkpointing:  # a checkpointed block runs its forward again; a frozen tower has no backward to feed
         r = recompute_flops(cfg, geo)
-        extra += stage.enc_blocks * r["enc"] + stage.dec_blocks * r["dec"] + (0.0 if frozen else stage.vit_blocks * r["vit"])
+        extra += stage.enc_blocks * r["enc"] + stage.dec_blocks * r["dec"]
+        extra += 0.0 if frozen else stage.vit_blocks * r["vit"]
     if recompute_head and "dec_head" in stage.parts:
         extra += f["dec_head"] / 3
     return StageFlops(model, model + extra)

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from pali.config import PaLIConfig
+from pali.models.chunked_loss import chunk_rows
 from pali.sizing.cost import boundary_bytes, ring_allreduce, ring_gather, stage_flops, tp_bytes
 from pali.sizing.hardware import GPU
-from pali.models.chunked_loss import chunk_rows
 from pali.sizing.memory import F32, ActivationModel, Geometry, Stage, cut_stages, stage_activations, stage_params
 
 DPMode = Literal["ddp", "zero1", "fsdp"]
