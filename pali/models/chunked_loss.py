@@ -21,9 +21,9 @@ CHUNK_ELEMENTS = 1 << 26
 """Logits per chunk (64 M: 256 MB in fp32), so a chunk of mT5's 250k vocabulary is 268 rows."""
 
 
-def chunk_rows(vocab_size: int, elements: int = CHUNK_ELEMENTS) -> int:
-    """Rows (target positions) per chunk for a vocabulary of `vocab_size` logits."""
-    return max(1, elements // max(vocab_size, 1))
+def chunk_rows(vocab_size: int, elements: int | None = None) -> int:
+    """Rows (target positions) per chunk for a vocabulary of `vocab_size` logits (`CHUNK_ELEMENTS` each)."""
+    return max(1, (elements or CHUNK_ELEMENTS) // max(vocab_size, 1))
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, scale: float | None) -> torch.Tensor:

@@ -243,7 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(mcfg, grid, full_state, seed=cfg.seed, dp_mode=cfg.dp_mode, schedule=cfg.pp_schedule,
                           num_microbatches=n_micro, device=device,
                           autocast_dtype=torch.bfloat16 if cfg.use_gpu else None,
-                          activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                          activation_checkpointing=cfg.activation_checkpointing,
+                          compile=True if cfg.compile else (False if cfg.no_compile else None),
                           trim_padding=cfg.trim_padding)
     named = list(engine.named_parameters())
     opt = build_optimizer(named, cfg)
@@ -259,7 +260,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     out_dir = Path(cfg.output_dir)
     log = MetricsLogger(out_dir, enabled=(rank == 0))
     tasks = list(TASKS)
-    from pali.models.pali import flops_per_example
+    from pali.models.pali import flops_per_example, hardware_flops_per_example
 
     peak = peak_flops(cfg.use_gpu, world)
     bar = None
@@ -299,9 +300,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last:
             rec = acc.reduce(tasks)
-            # MFU from the FLOPs formula at the batch's real (unpadded) prompt and target lengths.
-            flops = flops_per_example(mcfg, int(rec.pop("_prompt_len")), int(rec.pop("_target_len")))
-            rec["mfu"] = flops * rec["examples_per_s"] / peak
+            # MFU (model FLOPs: a frozen tower forward only) and HFU (plus recomputation) at the batch's real
+            # (unpadded) prompt and target lengths.
+            lens = int(rec.pop("_prompt_len")), int(rec.pop("_target_len"))
+            rec["mfu"] = flops_per_example(mcfg, *lens) * rec["examples_per_s"] / peak
+            rec["hfu"] = hardware_flops_per_example(mcfg, *lens, engine.activation_checkpointing,
+                                                    engine.chunked_loss) * rec["examples_per_s"] / peak
             rec["lr"] = sched.get_last_lr()[0]
             rec["dp"] = grid.dp
             rec["global_batch"] = per_rank * grid.dp
