@@ -651,6 +651,8 @@ def _md_header(res: dict) -> list[str]:
     """Device, software and backend, then the measured matmul ceiling against the datasheet peak."""
     env = res.get("environment")
     lines = []
+    if res.get("provenance"):  # a record assembled from several runs says which figure came from where
+        lines += ["; ".join(f"{k}: {v}" for k, v in res["provenance"].items()), ""]
     if env:
         lines += [f"date {env['date']}, commit `{env['commit']}`, command `{res.get('command')}`; "
                   f"{env['gpu'] or 'no GPU'}, {env['cpu']} ({env['cores']} cores)", ""]
@@ -802,11 +804,11 @@ def _md_errors(res: dict) -> list[str]:
     return ["errors:", *errors, ""] if errors else []
 
 
-def to_markdown(res: dict) -> str:
-    """The suite's tables."""
+def to_markdown(res: dict, title: str | None = None) -> str:
+    """The suite's tables (under a `# title` when given: `main` writes gpu.md so)."""
     if "note" in res:
         return res["note"]
-    lines = _md_header(res)
+    lines = ([f"# {title}", ""] if title else []) + _md_header(res)
     if res.get("targets"):
         lines += _md_targets(res["targets"])
     lines += _md_checks(res)
@@ -862,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(res, indent=2, default=str))
-    md = to_markdown(res)
+    md = to_markdown(res, title="GPU results")
     (out / "gpu.md").write_text(md + "\n")
     print(md)
     bad = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
