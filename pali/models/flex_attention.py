@@ -24,6 +24,7 @@ gets a zero output here and a uniform average over its masked keys there; no rea
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -53,14 +54,29 @@ class FlexBias:
         """Unscaled attention of q float[B, H, Q, dk] over k, v float[B, H, K, dk] -> float[B, H, Q, dk]."""
         score_mod = self.score_mod()
         if q.device.type != "cpu":
-            fn = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
-            return fn(q, k, v, score_mod=score_mod, block_mask=self.block_mask, scale=1.0)
+            if torch.compiler.is_compiling():  # inside a compiled block: dynamo traces it in place
+                return flex_attention(q, k, v, score_mod=score_mod, block_mask=self.block_mask, scale=1.0)
+            return _compiled_flex(_structure(self.block_mask, score_mod))(q, k, v, score_mod, self.block_mask)
         return _cpu_flex(q, k, v, score_mod, self.block_mask)
 
 
+def _structure(block_mask: BlockMask, score_mod) -> tuple:
+    """Which block-mask entries are None and whether a score_mod is given: one compiled frame each, because
+    dynamo's recompile-reason report in torch 2.13 fails on a tensor guard whose source became None."""
+    return tuple(x is None for x in block_mask.as_tuple()), score_mod is None
+
+
+def _own_frame(fn, key: tuple):
+    """fn with a code object of its own (dynamo keeps its compiled variants per code object)."""
+    return types.FunctionType(fn.__code__.replace(co_name=f"{fn.__name__}_{abs(hash(key))}"), fn.__globals__,
+                              closure=fn.__closure__)
+
+
 @functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention)
+def _compiled_flex(key: tuple):
+    def call(q, k, v, score_mod, block_mask):
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+    return torch.compile(_own_frame(call, key))
 
 
 def _cpu_flex(q, k, v, score_mod, block_mask: BlockMask) -> torch.Tensor:
@@ -69,15 +85,19 @@ def _cpu_flex(q, k, v, score_mod, block_mask: BlockMask) -> torch.Tensor:
     from torch.nn.attention.flex_attention import _apply_kernel_options, _identity
 
     opts = _apply_kernel_options(q, k, v, False, None, None)
-    out, _, _ = _eager_hop(flex_hop)(q, k, v, score_mod or _identity, block_mask.as_tuple(), 1.0, opts)
+    mask = block_mask.as_tuple()
+    # the eager backend compiles nothing: only the operator's tracing, retraced per shape
+    with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+        out, _, _ = _eager_hop(flex_hop, _structure(block_mask, score_mod))(
+            q, k, v, score_mod or _identity, mask, 1.0, opts)
     return out
 
 
 @functools.cache
-def _eager_hop(hop):
+def _eager_hop(hop, key: tuple):
     def call(*args):
         return hop(*args)
-    return torch.compile(call, backend="eager", fullgraph=True)
+    return torch.compile(_own_frame(call, key), backend="eager", fullgraph=True)
 
 
 def padding_block_mask(key_mask: torch.Tensor, q_len: int) -> BlockMask:
