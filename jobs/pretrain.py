@@ -25,7 +25,7 @@ FLAG_GROUPS = {
     "optimisation": ("steps", "global_batch", "micro_batch", "lr", "schedule", "warmup_steps", "min_lr_ratio",
                      "vision_lr_mult", "optimizer", "weight_decay", "grad_clip", "seed"),
     "layout": ("tp", "pp", "workers", "min_workers", "max_workers", "cpus_per_worker", "worker_resources", "use_gpu",
-               "dp_mode", "pp_schedule", "activation_checkpointing", "compile", "trim_padding"),
+               "dp_mode", "pp_schedule", "activation_checkpointing", "compile", "no_compile", "trim_padding"),
 }
 """`--help` groups of `TrainConfig`'s flags; fields not listed (a new one) land in "run"."""
 

@@ -1,6 +1,7 @@
-"""Suite `gpu`: the CUDA paths of training and decoding on one GPU, and MFU as training reports it.
+"""Suite `gpu`: the whole GPU record of one commit, in one process: `python -m pali.bench.gpu --out DIR`.
 
-`python -m pali.bench.gpu --out DIR` (no Ray needed) runs, in one process:
+Writes DIR/gpu.json and DIR/gpu.md (`to_markdown` of the JSON), opening with date, commit, command and
+hardware and the GPU targets (`TARGETS`, judged by `check_targets` or marked unmeasured). Sections:
 
 1. **ceiling**: a measured bf16 matrix-product rate, next to the datasheet peak MFU is quoted against;
 2. **parity**: the training `Engine` on the GPU against a float32 CPU reference on the same weights and
@@ -9,12 +10,17 @@
 3. **train**: the tiny preset trained on a fixed batch with the trainer's optimizer, schedule and gradient
    clipping in bf16 autocast (the loss must fall), then written with the trainer's checkpoint writer and
    read back bit-exactly;
-4. **mfu**: examples/s, tokens/s, MFU and peak memory of the engine's train step (bf16 autocast, fused
-   AdamW) for presets up to PaLI-3B;
-5. **decode**: KV-cache greedy decoding in bf16, batch 1 against batch 32, and cache vs no-cache agreement.
+4. **mfu**: examples/s, tokens/s, MFU (model FLOPs: a frozen tower forward only), HFU (plus recomputation)
+   and peak memory of the engine's train step with its GPU defaults (FlexAttention, chunked loss, per-block
+   compile, bf16 autocast, fused AdamW) for presets up to PaLI-3B, also at the planner's micro-batch;
+5. **profile**: GPU time of one step by kernel kind;
+6. **decode**: KV-cache greedy decoding in bf16 at batch 1, 8 and 32, and cache vs no-cache agreement;
+7. **decode_graph**: the hook for graph-captured decoding (`DECODE_GRAPH_HOOK`), unmeasured until it exists;
+8. **attention** / **compile**: FlexAttention vs dense-bias SDPA, compiled vs eager, train steps side by side;
+9. **ray**: `jobs.pretrain --use-gpu` and `python -m serve` over HTTP (`pali.bench.gpu_ray_check`).
 
-Every section records its own error instead of ending the run. `--device cpu` runs the same code on gloo
-at toy sizes (CI smoke test); `jobs.benchmark --suite gpu` calls `run_gpu` and adds it to its report.
+Every section records its own error instead of ending the run. `--device cpu --quick` runs the same code
+on gloo at toy sizes (CI smoke test); `jobs.benchmark --suite gpu` calls `run_gpu` and adds it to its report.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -34,9 +41,19 @@ import torch.distributed as dist
 
 import pali
 from pali.bench.common import median, synthetic_batch
+from pali.bench.gpu_report import to_markdown
 from pali.config import PaLIConfig, get_preset, mt5, vit
-from pali.models.pali import flops_per_example
+from pali.models.pali import flops_per_example, hardware_flops_per_example
 from pali.train.metrics import peak_flops
+
+TARGETS = (  # (name, section, how to read the measured value from the record, goal, comparison)
+    ("PaLI-3B MFU at the planner's batch", "mfu", "mfu:pali-3b", 0.45, ">="),
+    ("PaLI-3B HFU (executed FLOPs / peak) at the planner's batch", "mfu", "hfu:pali-3b", 0.40, ">="),
+    ("~1B preset MFU at the planner's batch", "mfu", "mfu:pali-1b-bench", 0.35, ">="),
+    ("PaLI-3B greedy decoding, batch 1, ms per step", "decode_graph", "ms:1", 4.0, "<="),
+    ("PaLI-3B greedy decoding, batch 32, ms per step", "decode_graph", "ms:32", 6.0, "<="),
+)
+"""The GPU targets of issue 23 (one H200, bf16), judged from a record by `check_targets`."""
 
 
 def one_b_config() -> PaLIConfig:
@@ -56,9 +73,10 @@ class GpuCheckConfig:
     device: str = "cuda"
     """cuda (nccl, bf16 autocast) or cpu (gloo, float32 only: a smoke run of the same code)."""
     mfu_runs: list[tuple[str, int, bool]] = field(default_factory=lambda: [
-        ("small", 64, False), ("base", 64, False), ("1b", 64, False),
-        ("pali-3b", 32, False), ("pali-3b", 64, False), ("pali-3b", 128, True)])
-    """(preset, batch size, activation checkpointing) of each MFU row."""
+        ("small", 64, False), ("base", 64, False), ("1b", 64, False), ("1b", 0, False),
+        ("pali-3b", 32, False), ("pali-3b", 64, False), ("pali-3b", 0, False), ("pali-3b", 128, True)])
+    """(preset, batch size, activation checkpointing) of each MFU row; batch 0 = the micro-batch `jobs.plan`
+    recommends for one H200 (`planner_batch`)."""
     prompt_len: int = 32
     """Prompt tokens per example in the MFU and decode rows (all real, no padding)."""
     target_len: int = 32
@@ -69,12 +87,23 @@ class GpuCheckConfig:
     """Steps of the tiny fixed-batch training run."""
     decode_preset: str = "pali-3b"
     """Preset of the decode rows."""
-    decode_batches: tuple[int, ...] = (1, 32)
+    decode_batches: tuple[int, ...] = (1, 8, 32)
     """Batch sizes of the decode rows."""
     max_new_tokens: int = 32
     """Tokens generated per decode row."""
-    sections: tuple[str, ...] = ("ceiling", "parity", "train", "mfu", "profile", "decode")
+    sections: tuple[str, ...] = ("ceiling", "parity", "train", "mfu", "profile", "decode", "decode_graph",
+                                 "attention", "compile", "ray")
     """Which sections run."""
+    attention_run: tuple[str, int] = ("pali-3b", 32)
+    """(preset, batch size) of the FlexAttention vs dense-bias SDPA comparison."""
+    compile_run: tuple[str, int] = ("1b", 32)
+    """(preset, batch size) of the per-block compiled vs eager training step comparison."""
+    ray_steps: int = 1000
+    """Training steps of the run through Ray (`jobs.pretrain --use-gpu`, tiny preset), then served over HTTP."""
+    out_dir: str = "benchmarks/results/gpu"
+    """Where the Ray section leaves its job's logs (`ray/`)."""
+    command: str = "python -m pali.bench.gpu"
+    """The command line recorded with the results."""
     profile_run: tuple[str, int, bool] = ("pali-3b", 64, False)
     """(preset, batch size, activation checkpointing) of the profiled step."""
 
@@ -278,6 +307,9 @@ def measure_mfu(device: torch.device, preset: str, batch_size: int, ac: bool, pr
                 target_len: int, repeats: int) -> dict:
     """One MFU row: the engine's train step + clipping + the trainer's AdamW, bf16 autocast on CUDA."""
     cfg = bench_config(preset)
+    planned = batch_size == 0
+    if planned:
+        batch_size = planner_batch(cfg, prompt_len, target_len, ac)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_fn, eng, named = _train_step_fn(device, cfg, batch_size, ac, prompt_len, target_len)
@@ -292,15 +324,17 @@ def measure_mfu(device: torch.device, preset: str, batch_size: int, ac: bool, pr
     step = median(times)
     eps = batch_size / step
     flops = flops_per_example(cfg, prompt_len, target_len)
-    executed = executed_flops_per_example(cfg, prompt_len, target_len, ac)
+    hardware = hardware_flops_per_example(cfg, prompt_len, target_len, ac, eng.chunked_loss)
     peak = peak_flops(device.type == "cuda", 1)
     params = sum(p.numel() for p in eng.model.parameters())
     trainable = sum(p.numel() for _, p in named)
     row = {"preset": cfg.name, "params": params, "trainable": trainable, "batch_size": batch_size,
-           "activation_checkpointing": ac, "freeze_vision": cfg.freeze_vision, "step_s": step,
-           "examples_per_s": eps, "tokens_per_s": eps * (cfg.vision.num_tokens + prompt_len + target_len),
+           "planner_batch": planned, "activation_checkpointing": ac, "freeze_vision": cfg.freeze_vision,
+           "compiled": eng.compiled, "attention": eng.attention, "chunked_loss": eng.chunked_loss,
+           "step_s": step, "examples_per_s": eps,
+           "tokens_per_s": eps * (cfg.vision.num_tokens + prompt_len + target_len),
            "flops_per_example": flops, "mfu": flops * eps / peak, "peak_flops": peak,
-           "executed_flops_per_example": executed, "executed_utilization": executed * eps / peak}
+           "hardware_flops_per_example": hardware, "hfu": hardware * eps / peak}
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         row.update(planner_row(cfg, batch_size, prompt_len, target_len, ac))
@@ -309,9 +343,10 @@ def measure_mfu(device: torch.device, preset: str, batch_size: int, ac: bool, pr
 
 
 def _train_step_fn(device: torch.device, cfg: PaLIConfig, batch_size: int, ac: bool, prompt_len: int,
-                   target_len: int):
+                   target_len: int, **engine_kw):
     """(step(), engine, named parameters): the engine's train step + clipping + the trainer's AdamW on a
-    fixed all-real batch, bf16 autocast on CUDA (random weights made on the device there)."""
+    fixed all-real batch, bf16 autocast on CUDA (random weights made on the device there). engine_kw go to
+    `build_engine` (compile, attention, chunked_loss; its device defaults otherwise)."""
     from pali.parallel import Grid, build_engine
     from pali.train.config import TrainConfig
     from pali.train.optim import build_optimizer
@@ -319,7 +354,7 @@ def _train_step_fn(device: torch.device, cfg: PaLIConfig, batch_size: int, ac: b
     grid = Grid.init(dp=1, pp=1, tp=1)
     state = RandomState(cfg, device) if device.type == "cuda" else None
     eng = build_engine(cfg, grid, state, device=device, activation_checkpointing=ac,
-                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, **engine_kw)
     del state
     named = list(eng.named_parameters())
     opt = build_optimizer(named, TrainConfig(lr=1e-5, use_gpu=device.type == "cuda"))
@@ -389,14 +424,17 @@ def profile_step(device: torch.device, preset: str, batch_size: int, ac: bool, p
             "top": [{"name": n[:120], "s": t / 1e6 / steps} for n, t in top]}
 
 
-def executed_flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, ac: bool) -> float:
-    """FLOPs the hardware runs per example (`pali.sizing.cost`): unlike MFU's model FLOPs (docs/design.md), a frozen
-    ViT counts its forward only and activation checkpointing adds the recomputed forwards."""
-    from pali.sizing.cost import stage_flops
-    from pali.sizing.memory import Geometry, cut_stages
+def planner_batch(cfg: PaLIConfig, prompt_len: int, target_len: int, ac: bool, gpu: str = "h200") -> int:
+    """The micro-batch `jobs.plan` recommends for this model on one GPU (global batch 256, 1 x 1 grid)."""
+    from pali.sizing import Geometry, PlanRequest, get_gpu
+    from pali.sizing.planner import plan
 
-    geo = Geometry(prompt_len, target_len)
-    return sum(stage_flops(cfg, st, geo, checkpointing=ac).executed for st in cut_stages(cfg, 1))
+    req = PlanRequest(cfg, get_gpu(gpu), 1, 1, 256, Geometry(prompt_len, target_len), overhead_gb=2.0)
+    fits = [p for p in plan(req) if p.fits and p.checkpointing == ac]
+    if not fits:
+        raise ValueError(f"the planner finds no fitting micro-batch for {cfg.name} on one {gpu} "
+                         f"(activation checkpointing {ac})")
+    return fits[0].micro_batch
 
 
 def planner_row(cfg: PaLIConfig, batch_size: int, prompt_len: int, target_len: int, ac: bool,
@@ -411,7 +449,7 @@ def planner_row(cfg: PaLIConfig, batch_size: int, prompt_len: int, target_len: i
         lp = evaluate(req, 1, 1, "ddp", ac, batch_size)
     except Exception as e:  # the measurement stands without the prediction
         return {"planner_error": f"{type(e).__name__}: {e}"}
-    return {"planner_peak_gib": lp.memory["total"] * 1e9 / 2 ** 30, "planner_step_s_at_mfu_0.4": lp.step_time_s}
+    return {"planner_peak_gib": lp.memory["total"] * 1e9 / 2 ** 30, "planner_step_s_at_hfu_0.4": lp.step_time_s}
 
 
 def run_mfu(gc: GpuCheckConfig, device: torch.device) -> dict:
@@ -469,6 +507,116 @@ def measure_decode(device: torch.device, gc: GpuCheckConfig) -> dict:
     return out
 
 
+DECODE_GRAPH_HOOK = "generate_static"
+"""Name of the graph-captured decoding entry point `measure_decode_graph` looks for in
+`pali.models.generate` (the static-shape slot cache and one-token step, built separately; fill the call in
+`measure_decode_graph` when it lands). Until then the section records that it is unmeasured."""
+
+
+def measure_decode_graph(device: torch.device, gc: GpuCheckConfig) -> dict:
+    """Hook: graph-captured greedy decoding (static caches, CUDA graph) of `gc.decode_preset` at each of
+    `gc.decode_batches`, tokens checked against today's decoding. Unmeasured until `DECODE_GRAPH_HOOK` exists."""
+    from pali.models import generate as gen
+
+    step = getattr(gen, DECODE_GRAPH_HOOK, None)
+    if step is None:
+        return {"unmeasured": True, "note": f"pali.models.generate.{DECODE_GRAPH_HOOK} does not exist yet: "
+                "graph-captured decoding is not built, so its targets are unmeasured"}
+    raise NotImplementedError(f"pali.models.generate.{DECODE_GRAPH_HOOK} exists: wire it into "
+                              "pali.bench.gpu.measure_decode_graph (same rows as measure_decode)")
+
+
+def _paired_engines(device: torch.device, preset: str, batch_size: int, prompt_len: int, target_len: int,
+                    sides: dict[str, dict]) -> tuple[dict, dict, PaLIConfig]:
+    """One training step function per side (same weights, same batch; `build_engine` options per side), each
+    side's first-step loss, and the config."""
+    cfg = bench_config(preset)
+    steps, losses = {}, {}
+    for name, kw in sides.items():
+        step, eng, _ = _train_step_fn(device, cfg, batch_size, False, prompt_len, target_len, **kw)
+        batch = full_batch(cfg, batch_size, prompt_len, target_len, device)
+        losses[name] = eng.eval_step(batch).loss
+        steps[name] = step
+    return steps, losses, cfg
+
+
+def _ratio_row(device: torch.device, steps: dict, losses: dict, cfg: PaLIConfig, batch_size: int,
+               repeats: int, base: str, other: str) -> dict:
+    """Median step seconds of both sides timed in alternation, and base / other."""
+    from pali.bench.common import time_side_by_side
+
+    def synced(fn):
+        def run():
+            fn()
+            _sync(device)
+        return run
+    times = time_side_by_side({k: synced(v) for k, v in steps.items()}, repeats, warmup=2)
+    med = {k: median(v) for k, v in times.items()}
+    return {"preset": cfg.name, "batch_size": batch_size, "step_s": med, "losses": losses,
+            "loss_rel_diff": abs(losses[other] - losses[base]) / abs(losses[base]),
+            "speedup": med[base] / med[other]}
+
+
+def compare_attention(device: torch.device, gc: GpuCheckConfig) -> dict:
+    """FlexAttention (`pali.models.flex_attention`) against the dense-bias SDPA path in the engine's train
+    step, same weights and batch, timed in alternation; eager on both sides so only attention differs."""
+    preset, b = gc.attention_run
+    steps, losses, cfg = _paired_engines(device, preset, b, gc.prompt_len, gc.target_len,
+                                         {"sdpa": {"attention": "sdpa", "compile": False},
+                                          "flex": {"attention": "flex", "compile": False}})
+    return _ratio_row(device, steps, losses, cfg, b, gc.repeats, "sdpa", "flex")
+
+
+def compare_compile(device: torch.device, gc: GpuCheckConfig) -> dict:
+    """The engine's train step compiled (per block on CUDA, the whole stage on CPU) against eager, same
+    weights and batch, timed in alternation after the compiling steps."""
+    preset, b = gc.compile_run
+    t0 = time.perf_counter()
+    steps, losses, cfg = _paired_engines(device, preset, b, gc.prompt_len, gc.target_len,
+                                         {"eager": {"compile": False}, "compiled": {"compile": True}})
+    steps["compiled"]()  # the cold compile (forward + backward)
+    _sync(device)
+    row = _ratio_row(device, steps, losses, cfg, b, gc.repeats, "eager", "compiled")
+    row["setup_and_compile_s"] = time.perf_counter() - t0
+    return row
+
+
+def run_ray(gc: GpuCheckConfig, device: torch.device) -> dict:
+    """The same GPU path through Ray (`pali.bench.gpu_ray_check`): `jobs.pretrain --use-gpu` on the tiny
+    preset, then `python -m serve` on its checkpoint, queried over HTTP."""
+    from pali.bench import gpu_ray_check as rc
+
+    out = Path(gc.out_dir) / "ray"
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"command": f"python -m pali.bench.gpu_ray_check --steps {gc.ray_steps}",
+           "train": rc.train(out, gc.ray_steps, 1, device.type != "cuda", timeout=900)}
+    if res["train"].get("checkpoint"):
+        res["serve"] = rc.serve_and_query(res["train"]["checkpoint"], out, 8000, 64, timeout=180)
+    if res["train"].get("returncode") != 0 or "error" in res.get("serve", {"error": "no checkpoint"}):
+        res["error"] = "the run through Ray failed (see train.stderr_tail / serve.error)"
+    return res
+
+
+def check_targets(res: dict) -> list[dict]:
+    """Each of `TARGETS` with its measured value from the record, or unmeasured (no GPU row for it)."""
+    out = []
+    for name, section, key, goal, op in TARGETS:
+        kind, arg = key.split(":")
+        value = None
+        if kind in ("mfu", "hfu"):
+            rows = [r for r in res.get(section, {}).get("rows", [])
+                    if r.get("preset") == arg and r.get("planner_batch") and "error" not in r]
+            value = rows[0][kind] if rows else None
+        else:
+            rows = [r for r in res.get(section, {}).get("rows", []) if r.get("batch_size") == int(arg)]
+            value = rows[0]["ms_per_step"] if rows else None
+        if res.get("device") != "cuda":
+            value = None  # the targets are GPU targets: a CPU smoke run measures none of them
+        met = None if value is None else (value >= goal if op == ">=" else value <= goal)
+        out.append({"target": name, "measured": value, "goal": f"{op} {goal}", "met": met})
+    return out
+
+
 # --- entry points --------------------------------------------------------------------------------------
 def run_gpu(gc: GpuCheckConfig | None = None) -> dict:
     """All sections on `gc.device`; {"note": ...} when CUDA is asked for and absent."""
@@ -479,14 +627,19 @@ def run_gpu(gc: GpuCheckConfig | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = not dist.is_initialized()
-    res: dict = {"device": gc.device, "torch": torch.__version__,
+    from pali.bench.common import environment
+
+    res: dict = {"device": gc.device, "environment": environment(torch.get_num_threads()),
+                 "command": gc.command, "torch": torch.__version__,
                  "cuda": torch.version.cuda if device.type == "cuda" else None,
                  "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                  "backend": init_single_process_group(device)}
     todo = {"ceiling": (measure_ceiling, device), "parity": (check_parity, device),
             "train": (check_train, device, gc.train_steps), "mfu": (run_mfu, gc, device),
             "profile": (profile_step, device, *gc.profile_run, gc.prompt_len, gc.target_len),
-            "decode": (measure_decode, device, gc)}
+            "decode": (measure_decode, device, gc), "decode_graph": (measure_decode_graph, device, gc),
+            "attention": (compare_attention, device, gc), "compile": (compare_compile, device, gc),
+            "ray": (run_ray, gc, device)}
     for name, (fn, *args) in todo.items():
         if name in gc.sections:
             _section(res, name, fn, *args)
@@ -497,117 +650,13 @@ def run_gpu(gc: GpuCheckConfig | None = None) -> dict:
             grid._CURRENT.destroy()
     if created:
         dist.destroy_process_group()
+    res["targets"] = check_targets(res)
     return res
 
 
-def _md_header(res: dict) -> list[str]:
-    """Device, software and backend, then the measured matmul ceiling against the datasheet peak."""
-    lines = [f"device {res['device']}, torch {res['torch']}, CUDA {res['cuda']}, NCCL {res['nccl']}, "
-             f"backend {res['backend']}", ""]
-    c = res.get("ceiling", {})
-    if "bf16_matmul_tflops" in c:
-        lines += [f"{c['gpu']}: measured bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s; MFU below is "
-                  f"against the datasheet {c['peak_flops'] / 1e12:.0f} TFLOP/s", ""]
-    return lines
-
-
-def _md_checks(res: dict) -> list[str]:
-    """One line per correctness check (`parity`, `train`) listing its figures."""
-    lines = []
-    for name in ("parity", "train"):
-        r = res.get(name, {})
-        if r:
-            lines += [f"**{name}**: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in r.items() if k != "traceback"), ""]
-    return lines
-
-
-def _md_mfu_table(rows: list[dict]) -> list[str]:
-    """The MFU table, one row per preset and batch (a failed row shows its error)."""
-    lines = ["| preset | params | trainable | batch | act. ckpt | step s | examples/s | tokens/s | MFU | "
-             "executed FLOPs / peak | peak GiB | planner GiB |", "|---" * 12 + "|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['preset']} | | | {r['batch_size']} | {r['activation_checkpointing']} | "
-                         f"{r['error'][:60]} | | | | | | |")
-            continue
-        lines.append(f"| {r['preset']} | {r['params'] / 1e9:.2f}B | {r['trainable'] / 1e9:.2f}B | "
-                     f"{r['batch_size']} | {'yes' if r['activation_checkpointing'] else 'no'} | "
-                     f"{r['step_s']:.3f} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-                     f"{100 * r['mfu']:.1f} % | {100 * r['executed_utilization']:.1f} % | "
-                     f"{r.get('peak_memory_gib', float('nan')):.1f} | "
-                     f"{r.get('planner_peak_gib', float('nan')):.1f} |")
-    lines.append("")
-    return lines
-
-
-def _md_profile(pr: dict) -> list[str]:
-    """Where one step's time goes: kernel time by kind, then the top kernels."""
-    busy = "" if pr["busy_fraction"] is None else f", GPU busy {100 * pr['busy_fraction']:.0f} % of the wall time"
-    lines = [f"profile of one step ({pr['preset']}, batch {pr['batch_size']}): {pr['wall_s'] * 1e3:.0f} ms "
-             f"wall, {pr['timed_s'] * 1e3:.0f} ms in kernels{busy}", "",
-             "| kind | ms | share |", "|---|---|---|"]
-    lines += [f"| {k} | {v * 1e3:.1f} | {100 * v / max(pr['timed_s'], 1e-12):.0f} % |"
-              for k, v in pr["by_kind_s"].items()]
-    lines += ["", "| top kernel | ms |", "|---|---|"]
-    lines += [f"| `{t['name'][:90]}` | {t['s'] * 1e3:.2f} |" for t in pr["top"][:8]]
-    lines.append("")
-    return lines
-
-
-def _md_decode(d: dict) -> list[str]:
-    """The greedy KV-cache decode table, one row per batch size."""
-    lines = [f"decode ({d['preset']}, greedy, KV cache; cache = no-cache on "
-             f"{100 * d['cache_agreement']:.1f} % of tiny-preset tokens)", "",
-             "| batch | seconds | new tokens | tokens/s | ms/step |", "|---|---|---|---|---|"]
-    lines += [f"| {r['batch_size']} | {r['seconds']:.3f} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | "
-              f"{r['ms_per_step']:.1f} |" for r in d["rows"]]
-    lines.append("")
-    return lines
-
-
-def _md_ray(ray: dict) -> list[str]:
-    """The run through Ray Train and Serve, as recorded by `pali/bench/gpu_ray_check.py`."""
-    t, s = ray["train"], ray["serve"]
-    ev, last = t["eval"]["mean"], t["last_100_steps"]
-    return [f"**Through Ray** ({ray['command']})", "",
-            f"- train: `{t['job']}`: trained in {t['train_seconds']} s (Ray start to consolidated "
-            f"checkpoint), loss {t['first_loss']:.2f} -> {t['last_loss']:.2f}; last 100 steps "
-            f"{last['step_time_s'] * 1e3:.0f} ms/step, {last['examples_per_s']:.0f} examples/s, data wait "
-            f"{100 * last['data_wait_frac']:.1f} %",
-            f"- held-out: loss {t['heldout_loss']:.3f}; CIDEr {ev['caption_cider']:.1f}, OCR ANLS "
-            f"{ev['ocr_anls']:.1f}, VQA {ev['vqa_accuracy']:.1f} %",
-            f"- serve (`python -m serve` on the checkpoint, replica device {s['stats']['device']}): "
-            f"{s['burst']['ok']}/{s['burst']['requests']} concurrent requests answered at "
-            f"{s['burst']['requests_per_s']:.0f} requests/s (p50 {s['burst']['p50_s']:.2f} s, p99 "
-            f"{s['burst']['p99_s']:.2f} s, batches up to {s['burst']['max_batch_seen']}); a bad image got "
-            f"{s['bad_request_status']}; ready {s['startup_s']:.0f} s after start", ""]
-
-
-def _md_errors(res: dict) -> list[str]:
-    """The errors of every section that failed (none: no lines)."""
-    errors = [f"- {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
-    return ["errors:", *errors, ""] if errors else []
-
-
-def to_markdown(res: dict) -> str:
-    """The suite's tables."""
-    if "note" in res:
-        return res["note"]
-    lines = _md_header(res) + _md_checks(res)
-    rows = res.get("mfu", {}).get("rows", [])
-    if rows:
-        lines += _md_mfu_table(rows)
-    pr = res.get("profile", {})
-    if pr.get("by_kind_s"):
-        lines += _md_profile(pr)
-    d = res.get("decode", {})
-    if d.get("rows"):
-        lines += _md_decode(d)
-    ray = res.get("ray")
-    if ray:  # recorded from pali/bench/gpu_ray_check.py (the same GPU path through Ray Train and Serve)
-        lines += _md_ray(ray)
-    return "\n".join(lines + _md_errors(res))
+QUICK_SKIPS = frozenset({"compile", "ray"})
+"""Sections `--quick` leaves out unless named: a cold inductor compile, a Ray job and a Serve application
+cost minutes on a small CPU machine."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -615,24 +664,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/gpu", help="writes gpu.json and gpu.md here")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="toy sizes (tiny preset only): a smoke run")
-    p.add_argument("--sections", default=",".join(GpuCheckConfig.sections),
-                   help="comma-separated subset of " + ",".join(GpuCheckConfig.sections))
+    p.add_argument("--sections", default=None,
+                   help="comma-separated subset of " + ",".join(GpuCheckConfig.sections) + " (default: all; "
+                   "with --quick all but " + ",".join(sorted(QUICK_SKIPS)) + ")")
+    p.add_argument("--ray-steps", type=int, default=GpuCheckConfig.ray_steps,
+                   help="training steps of the run through Ray")
     a = p.parse_args(argv)
-    sections = tuple(x for x in a.sections.split(",") if x)
+    default = tuple(x for x in GpuCheckConfig.sections if not (a.quick and x in QUICK_SKIPS))
+    sections = tuple(x for x in a.sections.split(",") if x) if a.sections else default
     unknown = set(sections) - set(GpuCheckConfig.sections)
     if unknown:
         p.error(f"--sections: unknown {sorted(unknown)}; expected some of {list(GpuCheckConfig.sections)}")
-    gc = GpuCheckConfig(device=a.device, sections=sections)
+    command = "python -m pali.bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:])
+    gc = GpuCheckConfig(device=a.device, sections=sections, out_dir=a.out, ray_steps=a.ray_steps,
+                        command=command.strip())
     if a.quick:
         gc = GpuCheckConfig(device=a.device, mfu_runs=[("tiny", 8, False), ("tiny", 8, True)], repeats=2,
-                            profile_run=("tiny", 8, False),
+                            profile_run=("tiny", 8, False), attention_run=("tiny", 8), compile_run=("tiny", 8),
                             train_steps=40, decode_preset="tiny", decode_batches=(1, 4), max_new_tokens=8,
-                            prompt_len=12, target_len=8, sections=sections)
+                            prompt_len=12, target_len=8, sections=sections, out_dir=a.out,
+                            ray_steps=a.ray_steps, command=command.strip())
     res = run_gpu(gc)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(res, indent=2, default=str))
-    md = to_markdown(res)
+    md = to_markdown(res, title="GPU results")
     (out / "gpu.md").write_text(md + "\n")
     print(md)
     bad = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]

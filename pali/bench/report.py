@@ -260,7 +260,7 @@ def _parallel_section(p: dict) -> list[str]:
 
 
 def _gpu_section(g: dict) -> list[str]:
-    """The GPU suite, rendered by its own report (`pali.bench.gpu.to_markdown`)."""
+    """The GPU suite, rendered by its own report (`pali.bench.gpu_report.to_markdown`)."""
     from pali.bench.gpu import to_markdown as gpu_markdown
 
     return ["## GPU (training and decoding on CUDA, bf16)", "", gpu_markdown(g), ""]

@@ -147,7 +147,8 @@ class PaLI(nn.Module):
         return flops_per_example(self.cfg, prompt_len, target_len, training)
 
     def estimate_mfu(self, examples_per_s: float, prompt_len: int, target_len: int, peak_flops: float) -> float:
-        """Model FLOPs utilisation of a training run at examples_per_s against a hardware peak."""
+        """Model FLOPs utilisation of a training run at examples_per_s against a hardware peak (a frozen tower
+        counts its forward only; recomputation is not counted: see `hardware_flops_per_example` for HFU)."""
         return self.flops_per_example(prompt_len, target_len) * examples_per_s / peak_flops
 
 
@@ -166,14 +167,14 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0
     return loss, n
 
 
-def flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, training: bool = True) -> float:
-    """Training FLOPs of one example (docs/design.md): 6*N*tokens for the matmuls plus 12*L*d*len^2 attention.
+def forward_flops(cfg: PaLIConfig, prompt_len: int, target_len: int) -> dict[str, float]:
+    """Forward FLOPs of one example by part: 2*N*tokens for the matmuls plus 4*L*d*len^2 for attention.
 
-    P patches, S = P + prompt tokens, T target tokens. Inference (`training=False`) is a third of it.
-    Parameter counts exclude embeddings (no matmul) but include the patch embedding and the output head
-    (6*d*V*T). The decoder's cross-attention keys/values are projections of the S encoder states, so
-    they are counted over S, not T (2*d*inner per layer and token); this matters when S >> T.
-    Checked against `torch.utils.flop_counter.FlopCounterMode` in tests/models/test_pali.py.
+    P patches, S = P + prompt tokens, T target tokens. Parts: "vision" (patch embedding + ViT blocks),
+    "projector", "encoder", "decoder" (its blocks, cross-attention keys/values over S) and "head"
+    (2*d*V*T). Parameter counts exclude embeddings (no matmul). The decoder's cross-attention keys/values
+    are projections of the S encoder states, so they are counted over S, not T (2*d*inner per layer and
+    token); this matters when S >> T.
     """
     v, t = cfg.vision, cfg.text
     p = v.num_tokens
@@ -185,11 +186,49 @@ def flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, trainin
     cross_kv = 2 * t.d_model * t.inner_dim
     n_enc = t.num_layers * (attn + ff)
     n_dec = t.num_decoder_layers * (2 * attn - cross_kv + ff)
-    n_proj = v.width * t.d_model
-    total = (6 * n_patch * v.num_patches + 6 * n_vit * p + 12 * v.depth * v.width * p * p
-             + 6 * n_proj * p
-             + 6 * n_enc * s + 12 * t.num_layers * t.inner_dim * s * s
-             + 6 * n_dec * target_len + 6 * t.num_decoder_layers * cross_kv * s
-             + 12 * t.num_decoder_layers * t.inner_dim * (target_len ** 2 + target_len * s)
-             + 6 * t.d_model * t.vocab_size * target_len)
-    return float(total if training else total / 3)
+    return {
+        "vision": 2 * n_patch * v.num_patches + 2 * n_vit * p + 4 * v.depth * v.width * p * p,
+        "projector": 2 * v.width * t.d_model * p,
+        "encoder": 2 * n_enc * s + 4 * t.num_layers * t.inner_dim * s * s,
+        "decoder": (2 * n_dec * target_len + 2 * t.num_decoder_layers * cross_kv * s
+                    + 4 * t.num_decoder_layers * t.inner_dim * (target_len ** 2 + target_len * s)),
+        "head": 2 * t.d_model * t.vocab_size * target_len,
+    }
+
+
+def flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, training: bool = True) -> float:
+    """Model FLOPs of one example: what a training step needs (the MFU numerator, PaLM's appendix B).
+
+    Trained parts count forward + backward (3x their forward: `forward_flops`), a frozen vision tower
+    (`cfg.freeze_vision`, PaLI's main phase) its forward only: no backward runs through it. Recomputation
+    (activation checkpointing, the chunked loss's head) is not counted; `hardware_flops_per_example` adds
+    it. Inference (`training=False`) is the forward of every part.
+    Checked against `torch.utils.flop_counter.FlopCounterMode` in tests/models/test_pali.py.
+    """
+    fwd = forward_flops(cfg, prompt_len, target_len)
+    if not training:
+        return float(sum(fwd.values()))
+    return float(sum(f if part == "vision" and cfg.freeze_vision else 3 * f for part, f in fwd.items()))
+
+
+def hardware_flops_per_example(cfg: PaLIConfig, prompt_len: int, target_len: int, checkpointing: bool = False,
+                               recompute_head: bool = False) -> float:
+    """FLOPs the hardware executes per training example (the HFU numerator): model FLOPs plus the forwards
+    run again in backward. checkpointing: every trained transformer block (ViT blocks only when trained)
+    recomputes its forward but its last matmul; recompute_head: the chunked loss
+    (`pali.models.chunked_loss`) recomputes the output head's logits in backward."""
+    fwd = forward_flops(cfg, prompt_len, target_len)
+    extra = 0.0
+    if checkpointing:
+        v, t = cfg.vision, cfg.text
+        s = v.num_tokens + prompt_len
+        # torch's non-reentrant checkpoint stops recomputing once every saved tensor is back, so a block's
+        # last matmul (the feed-forward's output projection, whose output nothing saves) is not rerun
+        last_ff = 2 * t.d_ff * t.d_model * (t.num_layers * s + t.num_decoder_layers * target_len)
+        extra += fwd["encoder"] + fwd["decoder"] - last_ff
+        if not cfg.freeze_vision:
+            patch = 2 * v.channels * v.patch_size ** 2 * v.width * v.num_patches
+            extra += fwd["vision"] - patch - 2 * v.mlp_dim * v.width * v.depth * v.num_tokens
+    if recompute_head:
+        extra += fwd["head"]
+    return flops_per_example(cfg, prompt_len, target_len) + extra

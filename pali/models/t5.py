@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pali.config import TextConfig
+from pali.models import flex_attention as flex
 
 
 class Dropout(nn.Dropout):
@@ -110,7 +111,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, kv_input: torch.Tensor | None = None,
                 cache: dict | None = None, static_kv: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> torch.Tensor:
-        """x: float[B, T, D]; bias: additive float[B|1, H, T, S] (position bias + mask) or None.
+        """x: float[B, T, D]; bias: additive float[B|1, H, T, S] (position bias + mask), a `FlexBias`, or None.
 
         kv_input: cross-attention source float[B, S, D] (None for self-attention).
         cache: decoder self-attention KV cache dict {"k", "v"} grown in place (incremental decoding).
@@ -127,10 +128,13 @@ class Attention(nn.Module):
                     k = torch.cat([cache["k"], k], dim=2)
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        if bias is not None and bias.dtype != q.dtype:
-            bias = bias.to(q.dtype)
-        drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=1.0)
+        if isinstance(bias, flex.FlexBias):  # the stack chose FlexAttention (pali.models.flex_attention)
+            out = bias.attend(q, k, v)
+        else:
+            if bias is not None and bias.dtype != q.dtype:
+                bias = bias.to(q.dtype)
+            drop = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=1.0)
         b, _, t, _ = out.shape
         return self.o(out.reshape(b, 1, -1) if t == 1 else out.transpose(1, 2).reshape(b, t, -1))
 
@@ -208,8 +212,16 @@ def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def _flex_ok(stack: nn.Module, attn: Attention) -> bool:
+    """Whether `stack` runs FlexAttention now (it has no attention dropout; training with dropout stays dense)."""
+    return stack.attention_backend == "flex" and not (stack.training and attn.dropout > 0)
+
+
 class Encoder(nn.Module):
     """Bidirectional T5 encoder stack over already-embedded inputs."""
+
+    attention_backend = "sdpa"
+    """"sdpa" (dense additive bias) or "flex" (`pali.models.flex_attention`); see `set_attention_backend`."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -226,7 +238,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: float[B, S, D] embedded inputs; mask: int[B, S]. Returns float[B, S, D]."""
-        bias = self.position_bias(mask, x.dtype)
+        attn = self.blocks[0].self_attn
+        bias = flex.encoder_bias(attn, mask) if _flex_ok(self, attn) else self.position_bias(mask, x.dtype)
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, bias)
@@ -235,6 +248,9 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Causal T5 decoder stack with cross-attention to the encoder output."""
+
+    attention_backend = "sdpa"
+    """"sdpa" or "flex" (teacher-forced passes only; incremental decoding stays dense)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -263,9 +279,14 @@ class Decoder(nn.Module):
         computed here (incremental decoding computes them once per generation instead of once per step).
         """
         t = x.shape[1]
-        self_bias = self_attn_bias if self_attn_bias is not None else \
-            self.self_bias(t, offset, offset + t, x.device, x.dtype)
-        cross_bias = cross_attn_bias if cross_attn_bias is not None else padding_bias(enc_mask, x.dtype)
+        attn = self.blocks[0].self_attn
+        if (caches is None and cross_kv is None and offset == 0 and self_attn_bias is None
+                and cross_attn_bias is None and _flex_ok(self, attn)):
+            self_bias, cross_bias = flex.decoder_self_bias(attn, t, x.device), flex.cross_bias(enc_mask, t)
+        else:
+            self_bias = self_attn_bias if self_attn_bias is not None else \
+                self.self_bias(t, offset, offset + t, x.device, x.dtype)
+            cross_bias = cross_attn_bias if cross_attn_bias is not None else padding_bias(enc_mask, x.dtype)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, self_bias, enc, cross_bias,

@@ -23,11 +23,14 @@ from torch.utils.checkpoint import checkpoint
 
 from pali.config import PaLIConfig
 from pali.factory import init_tensor
+from pali.models.chunked_loss import chunked_cross_entropy
+from pali.models.flex_attention import set_attention_backend
 from pali.models.pali import real_targets
 from pali.models.t5 import check_labels, check_token_ids, real_length
 from pali.parallel.grid import Grid
 from pali.parallel.stages import (
     SHARED_ACROSS_STAGES,
+    FullStage,
     TokenLoss,
     build_stage_model,
     iter_blocks,
@@ -59,14 +62,18 @@ class Engine:
     def __init__(self, cfg: PaLIConfig, grid: Grid, model: nn.Module, specs: dict[str, ShardSpec],
                  module: nn.Module, dp_mode: str, schedule: str, num_microbatches: int,
                  device: torch.device, autocast_dtype: torch.dtype | None, compiled: bool = False,
-                 trim: bool = False):
+                 trim: bool = False, chunked_loss: bool = False, attention: str = "sdpa",
+                 activation_checkpointing: bool = False):
         self.cfg, self.grid, self.model, self.specs = cfg, grid, model, specs
         self.compiled = compiled  # the stage runs through torch.compile (`compile_stage`)
         self.trim = trim  # cut each batch's all-padding tail columns (`trim_padding`)
+        self.chunked_loss = chunked_loss  # head + loss in row chunks (`ChunkedLossStage`)
+        self.attention = attention  # T5 attention backend ("sdpa" or "flex")
+        self.activation_checkpointing = activation_checkpointing
         self.module = module  # the stage module, wrapped by DDP / FSDP when dp > 1
         self.dp_mode, self.schedule_name = dp_mode, schedule
         self.num_microbatches, self.device, self.autocast_dtype = num_microbatches, device, autocast_dtype
-        self.loss_fn = TokenLoss(cfg.text.pad_token_id, vocab_parallel=grid.tp > 1)
+        self.loss_fn = (RowLoss if chunked_loss else TokenLoss)(cfg.text.pad_token_id, vocab_parallel=grid.tp > 1)
         self._schedules: dict[tuple, object] = {}
         self._shared = [n for n in SHARED_ACROSS_STAGES if n in specs] if grid.pp > 1 else []
         self.param_dtype = next(model.parameters()).dtype
@@ -116,7 +123,7 @@ class Engine:
             raise ValueError(f"local batch of {b} examples cannot be cut into num_microbatches={n} "
                              + ("equal micro-batches (pipeline stages need equal shapes)" if self.grid.pp > 1
                                 else "non-empty micro-batches"))
-        if self.compiled:  # the compiled graph leaves out the model's data-dependent id checks: run them here
+        if self.compiled or self.chunked_loss:  # checks a compiled graph / the chunked head leave out
             check_token_ids(batch["input_ids"], self.cfg.text.vocab_size, "input_ids")
             check_labels(batch["labels"], self.cfg.text.vocab_size)
         return b
@@ -319,6 +326,58 @@ class Engine:
         return merge_shards(received) if g.rank == 0 else None
 
 
+class ChunkedLossStage(FullStage):
+    """The whole model as one stage, ending in the per-target loss instead of the logits: (pixels, prompt,
+    mask, image_mask, labels) -> float32[N], the cross-entropy of each of the N real targets (row-major).
+
+    The output head and the cross-entropy run in row chunks (`pali.models.chunked_loss`), so the
+    float[N, V] logits of mT5's 250k vocabulary never exist at once. Inside the stage's forward, so DDP and
+    FSDP2 see the head's weight used as in any layer.
+    """
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        text = m.text
+        keep = real_targets(labels, m.cfg.text.pad_token_id)  # (B, T)
+        prompt, dec = text.embed_many(input_ids, text.shift_right(labels))
+        enc, enc_mask = m.encode(pixel_values, input_ids, attention_mask, image_mask, input_embeds=prompt)
+        h = text.decoder(dec, enc, enc_mask)[keep]  # (N, D)
+        if m.cfg.text.tie_word_embeddings:
+            return chunked_cross_entropy(h, text.shared.weight, labels[keep], m.cfg.text.d_model ** -0.5)
+        return chunked_cross_entropy(h, text.lm_head.weight, labels[keep])
+
+
+class RowLoss(TokenLoss):
+    """`TokenLoss` for a stage that returns per-target losses float[N] (`ChunkedLossStage`)."""
+
+    def __call__(self, row_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """row_loss float[N] (one per real target, row-major), labels int[B, T] -> scalar loss."""
+        mask = real_targets(labels, self.pad_id)
+        if row_loss.shape[0] != int(mask.sum()):
+            raise ValueError(f"{row_loss.shape[0]} per-target losses for {int(mask.sum())} real targets")
+        ce = torch.zeros(mask.shape, dtype=row_loss.dtype, device=row_loss.device).masked_scatter(mask, row_loss)
+        per_example = ce.sum(1)  # (B,)
+        self.records.append((per_example.detach(), mask.sum(1)))
+        return per_example.sum() / self.denominator
+
+
+def _frozen_tower_forward(tower: nn.Module, inference: bool):
+    """The frozen vision tower's forward under `torch.inference_mode` (no autograd bookkeeping at all), its
+    output copied out as a normal tensor for the trained projector; `torch.no_grad` where FSDP2 shards the
+    tower (its unshard hooks write parameters, which inference mode forbids)."""
+    forward = tower.forward
+
+    def run(pixel_values: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return forward(pixel_values)
+        with torch.inference_mode() if inference else torch.no_grad():
+            out = forward(pixel_values)
+        return out.clone() if inference else out
+    return run
+
+
 def trim_multiple(device: torch.device) -> int:
     """Length granularity of `trim_padding` on a device: 8 on GPUs (tensor-core-friendly GEMM shapes, few
     distinct shapes for cuBLAS's heuristics), 1 on CPU (the kernels take any shape at no extra cost)."""
@@ -405,18 +464,24 @@ def materialise_shards(cfg: PaLIConfig, specs: Mapping[str, ShardSpec], full_sta
 def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Tensor] | None = None,
                  seed: int = 0, dp_mode: str = "ddp", schedule: str = "1f1b", num_microbatches: int = 1,
                  device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                 activation_checkpointing: bool = False, compile: bool = False, trim_padding: bool = True
-                 ) -> Engine:
+                 activation_checkpointing: bool = False, compile: bool | None = None, trim_padding: bool = True,
+                 chunked_loss: bool | None = None, attention: str | None = None) -> Engine:
     """This rank's Engine: meta build -> TP plan -> stage cut -> materialise this shard -> DP wrapper.
 
     full_state: `PaLI.state_dict()`-named full tensors to slice from (a checkpoint, an import), a dict or
     any lazy mapping with `keys()` and `__getitem__` (e.g. `LazyShardedState`); None means the
     deterministic init of `create_model(cfg, seed=seed)`. Either way only one full tensor exists at a time.
-    compile: run the stage through `torch.compile` (inductor); see `compile_stage`.
-    trim_padding: without pipeline parallelism and without compile, cut each batch's all-padding tail
-    columns (`trim_padding`) and run the output head at real targets only (`FullStage`). Pipeline stages
-    exchange statically shaped activations and a compiled stage is traced for fixed shapes, so those keep
-    the padded shapes (and full logits).
+    compile: run through `torch.compile` (inductor); see `compile_stage`. None (the default) compiles on
+    CUDA, each transformer block on its own, and not on CPU; on CPU `compile=True` compiles the whole stage.
+    trim_padding: without pipeline parallelism, cut each batch's all-padding tail columns (`trim_padding`)
+    and run the output head at real targets only (`FullStage`). Pipeline stages exchange statically shaped
+    activations and a whole compiled stage is traced for fixed shapes, so those keep the padded shapes.
+    chunked_loss: end the stage in the per-target loss with the head and cross-entropy in row chunks
+    (`ChunkedLossStage`: no [N, V] logits); needs pp = tp = 1. None: on CUDA where it applies.
+    attention: T5 attention backend, "sdpa" (dense bias) or "flex" (`pali.models.flex_attention`); flex
+    needs pp <= 2 (deeper stages pass the dense bias between them) and no attention dropout. None: flex on
+    CUDA where it applies.
+    The frozen vision tower (cfg.freeze_vision) runs under `torch.inference_mode` (no_grad under FSDP2).
     """
     if dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"dp_mode={dp_mode!r}; expected 'ddp' or 'fsdp'")
@@ -425,22 +490,46 @@ def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Ten
     if not isinstance(num_microbatches, int) or num_microbatches < 1:
         raise ValueError(f"num_microbatches={num_microbatches!r}; expected a positive integer")
     device = torch.device(device)
+    cuda = device.type == "cuda"
+    flex_ok = grid.pp <= 2 and cfg.text.dropout_rate == 0
+    if attention is None:
+        attention = "flex" if cuda and flex_ok else "sdpa"
+    if attention == "flex" and not flex_ok:
+        raise ValueError(f"attention='flex' needs pp <= 2 and text dropout 0; got pp={grid.pp}, "
+                         f"dropout_rate={cfg.text.dropout_rate}")
+    chunk_ok = grid.pp == 1 and grid.tp == 1
+    if chunked_loss is None:
+        chunked_loss = cuda and chunk_ok
+    if chunked_loss and not chunk_ok:
+        raise ValueError(f"chunked_loss needs pp = tp = 1 (the vocabulary-parallel loss handles tp > 1); "
+                         f"got pp={grid.pp}, tp={grid.tp}")
+    if compile is None:
+        compile = cuda
+    per_block = compile and (cuda or (dp_mode == "fsdp" and grid.dp > 1))
     model, specs = build_stage_model(cfg, grid.pp, grid.tp, grid.pp_rank, grid.tp_rank)
     model.load_state_dict(materialise_shards(cfg, specs, full_state, seed, device, model.state_dict()),
                           strict=True, assign=True)
+    set_attention_backend(model, attention)
     if cfg.freeze_vision and hasattr(model, "vision_tower"):
         model.vision_tower.requires_grad_(False)
+        model.vision_tower.forward = _frozen_tower_forward(model.vision_tower,
+                                                           inference=not (dp_mode == "fsdp" and grid.dp > 1))
     if activation_checkpointing:
         _checkpoint_blocks(model)
-    dynamic = trim_padding and grid.pp == 1 and not compile  # shapes may change from batch to batch
-    module = stage_module(model, grid.pp, grid.pp_rank, autocast_dtype or next(model.parameters()).dtype,
-                          packed_head=dynamic)
+    # shapes may change from batch to batch (per-block compile recompiles once shapes vary, then goes dynamic)
+    dynamic = trim_padding and grid.pp == 1 and (not compile or per_block)
+    if chunked_loss:
+        module = ChunkedLossStage(model)
+    else:
+        module = stage_module(model, grid.pp, grid.pp_rank, autocast_dtype or next(model.parameters()).dtype,
+                              packed_head=dynamic)
     if compile:
-        compile_stage(module, per_block=dp_mode == "fsdp" and grid.dp > 1)
+        compile_stage(module, per_block=per_block)
     if grid.dp > 1:
         module = _wrap_dp(module, grid, dp_mode, device)
     return Engine(cfg, grid, model, specs, module, dp_mode, schedule, num_microbatches, device, autocast_dtype,
-                  compiled=compile, trim=dynamic)
+                  compiled=compile, trim=dynamic, chunked_loss=chunked_loss, attention=attention,
+                  activation_checkpointing=activation_checkpointing)
 
 
 def compile_stage(module: nn.Module, per_block: bool = False) -> None:
@@ -452,6 +541,8 @@ def compile_stage(module: nn.Module, per_block: bool = False) -> None:
     (FSDP's unshard/reshard hooks sit between blocks). Shapes are static in training (the data pipeline pads
     to fixed lengths), so each shape compiles once; the first step pays the compile time (tens of seconds
     for the tiny preset on 2 CPU cores; inductor caches the result on disk for the next run).
+    Per block is the default on CUDA: the blocks hold the GEMMs, attention and the fused element-wise work,
+    while the stage's data-dependent parts (padding cut, packed head, chunked loss) stay eager around them.
     The loss stays eager: `TokenLoss` records per-example sums for logging.
     """
     if not per_block:

@@ -1,9 +1,10 @@
 """Compute and communication of one training step: FLOPs per stage, TP / PP / DP bytes per GPU.
 
-FLOPs split `pali.models.pali.flops_per_example` by component (the parts sum to it exactly). Executed
-FLOPs differ from model FLOPs in two ways the planner accounts for: a frozen vision tower runs forward
-only (a third of its training FLOPs), and activation checkpointing runs every trained block's forward
-twice (+ a third of the block's training FLOPs).
+FLOPs split `pali.models.pali.flops_per_example` by component (the parts sum to it exactly): model FLOPs
+count a frozen vision tower's forward only (a third of its training FLOPs). Executed (hardware) FLOPs add
+what runs again in backward (`pali.models.pali.hardware_flops_per_example`): activation checkpointing
+runs every trained block's forward twice but its last matmul (`recompute_flops`), and the chunked loss
+recomputes the output head's forward (+ a third of the head's).
 
 Collectives move bytes per GPU as a ring does: all-reduce 2(g-1)/g * n, reduce-scatter and all-gather
 (g-1)/g * n each.
@@ -22,9 +23,9 @@ class StageFlops:
     """Training FLOPs of one example in one stage."""
 
     model: float
-    """Model FLOPs (the MFU numerator: 6*N*tokens + attention, frozen tower counted in full)."""
+    """Model FLOPs (the MFU numerator: 6*N*tokens + attention for trained parts, a frozen tower's forward)."""
     executed: float
-    """FLOPs the stage really runs (frozen tower forward only, recomputation included)."""
+    """FLOPs the stage really runs (the HFU numerator: model FLOPs plus recomputation)."""
 
 
 def block_flops(cfg: PaLIConfig, geo: Geometry) -> dict[str, float]:
@@ -45,19 +46,36 @@ def block_flops(cfg: PaLIConfig, geo: Geometry) -> dict[str, float]:
     }
 
 
-def stage_flops(cfg: PaLIConfig, stage: Stage, geo: Geometry, checkpointing: bool) -> StageFlops:
-    """Model and executed training FLOPs of one example in `stage`."""
+def recompute_flops(cfg: PaLIConfig, geo: Geometry) -> dict[str, float]:
+    """FLOPs one checkpointed block of each kind runs again in backward, per example: its forward (a third of
+    `block_flops`) but its last matmul, the feed-forward's output projection (torch's non-reentrant
+    checkpoint stops once every saved tensor is recomputed, and nothing saves that output)."""
+    v, t = cfg.vision, cfg.text
+    f = block_flops(cfg, geo)
+    s, tt = geo.enc_len(cfg), geo.target_len
+    return {"vit": f["vit"] / 3 - 2 * v.mlp_dim * v.width * v.num_tokens,
+            "enc": f["enc"] / 3 - 2 * t.d_ff * t.d_model * s,
+            "dec": f["dec"] / 3 - 2 * t.d_ff * t.d_model * tt}
+
+
+def stage_flops(cfg: PaLIConfig, stage: Stage, geo: Geometry, checkpointing: bool,
+                recompute_head: bool = False) -> StageFlops:
+    """Model and executed training FLOPs of one example in `stage` (recompute_head: the chunked loss)."""
     f = block_flops(cfg, geo)
     frozen = cfg.freeze_vision
-    vit_model = stage.vit_blocks * f["vit"] + (f["vision_embed"] if "vision_embed" in stage.parts else 0.0)
+    vit_blocks = stage.vit_blocks * f["vit"]
+    vit_train = vit_blocks + (f["vision_embed"] if "vision_embed" in stage.parts else 0.0)
     text_blocks = stage.enc_blocks * f["enc"] + stage.dec_blocks * f["dec"]
     rest = sum(f[k] for k in ("vision_head", "dec_head") if k in stage.parts)
-    model = vit_model + text_blocks + rest
-    vit_exec = vit_model / 3 if frozen else vit_model * (4 / 3 if checkpointing else 1.0)
-    if checkpointing and not frozen:
-        vit_exec -= (f["vision_embed"] / 3 if "vision_embed" in stage.parts else 0.0)  # not checkpointed
-    executed = vit_exec + text_blocks * (4 / 3 if checkpointing else 1.0) + rest
-    return StageFlops(model, executed)
+    model = (vit_train / 3 if frozen else vit_train) + text_blocks + rest
+    extra = 0.0
+    if checkpointing:  # a checkpointed block runs its forward again; a frozen tower has no backward to feed
+        r = recompute_flops(cfg, geo)
+        extra += stage.enc_blocks * r["enc"] + stage.dec_blocks * r["dec"]
+        extra += 0.0 if frozen else stage.vit_blocks * r["vit"]
+    if recompute_head and "dec_head" in stage.parts:
+        extra += f["dec_head"] / 3
+    return StageFlops(model, model + extra)
 
 
 def ring_allreduce(n: float, g: int) -> float:

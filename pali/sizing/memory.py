@@ -250,8 +250,12 @@ class Geometry:
 
 
 def stage_activations(cfg: PaLIConfig, stage: Stage, tp: int, geo: Geometry, am: ActivationModel,
-                      checkpointing: bool, mb: int = 1) -> tuple[float, float]:
-    """(bytes kept for backward, transient recompute bytes) of one stage for a micro-batch of mb examples."""
+                      checkpointing: bool, mb: int = 1, chunked_loss: bool = False) -> tuple[float, float]:
+    """(bytes kept for backward, transient recompute bytes) of one stage for a micro-batch of mb examples.
+
+    chunked_loss: the output head and cross-entropy run in row chunks (`pali.models.chunked_loss`),
+    which keep the head input and one fp32 log-sum-exp per target instead of the [T, V] softmax.
+    """
     v, t, e = cfg.vision, cfg.text, am.act_bytes
     s, tt, p = geo.enc_len(cfg), geo.target_len, v.num_tokens
     train_vit = not cfg.freeze_vision
@@ -299,5 +303,8 @@ def stage_activations(cfg: PaLIConfig, stage: Stage, tp: int, geo: Geometry, am:
         kept += 8 * tt
     if "dec_head" in stage.parts:
         kept += F32 * tt * (2 * t.d_model + 1) + e * tt * t.d_model  # final norm + lm_head input
-        kept += F32 * tt * t.vocab_size / tp + 8 * tt  # fp32 (log-)softmax of the loss, targets
+        if chunked_loss:
+            kept += F32 * tt + 8 * tt  # log-sum-exp per target, targets (the logits are recomputed)
+        else:
+            kept += F32 * tt * t.vocab_size / tp + 8 * tt  # fp32 (log-)softmax of the loss, targets
     return kept * mb + shared, recompute * mb

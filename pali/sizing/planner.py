@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from pali.config import PaLIConfig
+from pali.models.chunked_loss import chunk_rows
 from pali.sizing.cost import boundary_bytes, ring_allreduce, ring_gather, stage_flops, tp_bytes
 from pali.sizing.hardware import GPU
 from pali.sizing.memory import F32, ActivationModel, Geometry, Stage, cut_stages, stage_activations, stage_params
@@ -105,8 +106,12 @@ class RankMemory:
 def rank_memory(cfg: PaLIConfig, tp: int, pp: int, dp: int, stage_index: int, geo: Geometry, micro_batch: int,
                 num_microbatches: int, dp_mode: DPMode = "ddp", checkpointing: bool = False,
                 precision: Precision = "amp", fused_attention: bool = True, schedule: str = "1f1b",
-                overhead_bytes: float = 0.0) -> RankMemory:
-    """Memory of one GPU at pipeline stage `stage_index` of a (tp, pp, dp) layout."""
+                overhead_bytes: float = 0.0, chunked_loss: bool = False) -> RankMemory:
+    """Memory of one GPU at pipeline stage `stage_index` of a (tp, pp, dp) layout.
+
+    chunked_loss: the head and loss run in row chunks of `chunk_rows(V)` targets (`pali.models.chunked_loss`):
+    no [T, V] softmax kept, and the transient logits are one chunk's instead of the micro-batch's.
+    """
     pr = Precisions.of(precision)
     stages = cut_stages(cfg, pp)
     st = stages[stage_index]
@@ -124,7 +129,7 @@ def rank_memory(cfg: PaLIConfig, tp: int, pp: int, dp: int, stage_index: int, ge
         in_flight = num_microbatches
     else:
         in_flight = min(pp - stage_index, num_microbatches)
-    kept = {ck: stage_activations(cfg, st, tp, geo, am, ck, micro_batch) for ck in (False, True)}
+    kept = {ck: stage_activations(cfg, st, tp, geo, am, ck, micro_batch, chunked_loss) for ck in (False, True)}
     mem.activations_no_ckpt = kept[False][0] * in_flight
     mem.activations_ckpt = kept[True][0] * in_flight
     mem.activations = mem.activations_ckpt if checkpointing else mem.activations_no_ckpt
@@ -133,7 +138,10 @@ def rank_memory(cfg: PaLIConfig, tp: int, pp: int, dp: int, stage_index: int, ge
     t = cfg.text
     transient = kept[True][1] if checkpointing else 0.0
     if "dec_head" in st.parts:
-        transient += micro_batch * geo.target_len * t.vocab_size / tp * (pr.act + (F32 if pr.act < F32 else 0))
+        rows = micro_batch * geo.target_len
+        if chunked_loss:  # one chunk's logits, their fp32 copy and the fp32 gradient of the logits
+            rows = min(rows, chunk_rows(t.vocab_size))
+        transient += rows * t.vocab_size / tp * (pr.act + (F32 if pr.act < F32 else 0) + (F32 if chunked_loss else 0))
     if dp > 1 and dp_mode in ("ddp", "zero1"):
         transient += pc.trainable * pr.grad  # DDP's gradient buckets (a second copy of the gradients)
     if dp > 1 and dp_mode == "fsdp":
@@ -193,6 +201,8 @@ class PlanRequest:
     """Force this micro-batch size (None: the planner chooses)."""
     schedule: str = "1f1b"
     """Pipeline schedule (1f1b or gpipe)."""
+    chunked_loss: bool = True
+    """Model the engine's chunked output head + loss (`pali.models.chunked_loss`; on GPU at pp = tp = 1)."""
 
     @property
     def world(self) -> int:
@@ -274,13 +284,14 @@ def evaluate(req: PlanRequest, tp: int, pp: int, dp_mode: str, checkpointing: bo
     m = local // micro_batch
     pr = Precisions.of(req.precision)
     stages = cut_stages(cfg, pp)
+    chunked = req.chunked_loss and pp == 1 and tp == 1  # where the engine runs it
     mems = [rank_memory(cfg, tp, pp, dp, i, geo, micro_batch, m, dp_mode, checkpointing, req.precision,
-                        True, req.schedule, req.overhead_gb * 1e9) for i in range(pp)]
+                        True, req.schedule, req.overhead_gb * 1e9, chunked) for i in range(pp)]
     worst = max(mems, key=lambda x: x.total)
     fits = worst.total <= gpu.memory_bytes * (1 - req.headroom)
     # compute
     rate = tp * gpu.peak_flops * req.mfu
-    fl = [stage_flops(cfg, st, geo, checkpointing) for st in stages]
+    fl = [stage_flops(cfg, st, geo, checkpointing, recompute_head=chunked) for st in stages]
     t_stage = [f.executed * micro_batch / rate for f in fl]
     compute = (m + pp - 1) * max(t_stage) if pp > 1 else m * t_stage[0]
     bubble = (pp - 1) / (m + pp - 1)

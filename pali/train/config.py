@@ -89,7 +89,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
     compile: bool = False
-    """Run each worker's stage through torch.compile (inductor): faster steps after a one-off compile."""
+    """Run each worker's stage through torch.compile (inductor): faster steps after a one-off compile
+    (the default on GPU, per transformer block; on CPU the whole stage, only with this flag)."""
+    no_compile: bool = False
+    """On GPU, run the stage eagerly instead of the default per-block torch.compile."""
     trim_padding: bool = True
     """Cut each batch's all-padding tail columns and run the output head at real targets only (pp = 1,
     not compiled; `pali.parallel.engine.trim_padding`)."""

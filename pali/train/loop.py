@@ -290,7 +290,8 @@ def build_training(w: _Worker, outputs) -> _Training:
     engine = build_engine(w.mcfg, w.grid, full_state, seed=cfg.seed, dp_mode=cfg.dp_mode, schedule=cfg.pp_schedule,
                           num_microbatches=w.n_micro, device=w.device,
                           autocast_dtype=torch.bfloat16 if cfg.use_gpu else None,
-                          activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                          activation_checkpointing=cfg.activation_checkpointing,
+                          compile=True if cfg.compile else (False if cfg.no_compile else None),
                           trim_padding=cfg.trim_padding)
     named = list(engine.named_parameters())
     opt = build_optimizer(named, cfg)
@@ -318,7 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def run_steps(w: _Worker, t: _Training, stream, feeder, outputs) -> None:
     """Steps `start_step .. steps-1`: train, log every `log_every`, checkpoint every `checkpoint_every`."""
     from pali.data.prompts import TASKS
-    from pali.models.pali import flops_per_example
+    from pali.models.pali import flops_per_example, hardware_flops_per_example
     from pali.train.data_order import gather_reports
     from pali.train.hooks import StepInfo, load_step_hooks
     from pali.train.metrics import MetricsLogger, peak_flops
@@ -358,9 +359,12 @@ def run_steps(w: _Worker, t: _Training, stream, feeder, outputs) -> None:
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last:
             rec = acc.reduce(tasks)
-            # MFU from the FLOPs formula at the batch's real (unpadded) prompt and target lengths.
-            flops = flops_per_example(w.mcfg, int(rec.pop("_prompt_len")), int(rec.pop("_target_len")))
-            rec["mfu"] = flops * rec["examples_per_s"] / peak
+            # MFU (model FLOPs: a frozen tower forward only) and HFU (plus recomputation) at the batch's real
+            # (unpadded) prompt and target lengths.
+            lens = int(rec.pop("_prompt_len")), int(rec.pop("_target_len"))
+            rec["mfu"] = flops_per_example(w.mcfg, *lens) * rec["examples_per_s"] / peak
+            rec["hfu"] = hardware_flops_per_example(w.mcfg, *lens, engine.activation_checkpointing,
+                                                    engine.chunked_loss) * rec["examples_per_s"] / peak
             rec["lr"] = t.sched.get_last_lr()[0]
             rec["dp"] = w.grid.dp
             rec["global_batch"] = w.per_rank * w.grid.dp

@@ -148,17 +148,36 @@ def test_flops_per_example_matches_flop_counter(tiny_config):
     assert model.estimate_mfu(10.0, s, t, 1e12) == pytest.approx(10.0 * formula / b / 1e12)
 
 
-def test_flops_per_example_is_model_flops_even_with_a_frozen_tower(tiny_config):
-    """MFU counts model FLOPs (docs/design.md): a frozen ViT (PaLI's 224 px phase) still counts 6*N, although no
-    backward runs through it; `pali.sizing.cost.stage_flops(...).executed` is what the hardware does."""
-    from pali.sizing.cost import stage_flops
-    from pali.sizing.memory import Geometry, cut_stages
+def test_flops_per_example_counts_a_frozen_tower_forward_only(tiny_config):
+    """MFU counts what a step needs (PaLM's appendix B): a frozen ViT (PaLI's 224 px phase) runs forward only,
+    so its training FLOPs are its forward's; the counted FLOPs of a step with the tower frozen agree."""
+    from pali.models.pali import forward_flops
 
     cfg = tiny_config.with_overrides(freeze_vision=True)
     model = create_model(cfg, seed=0)
     model.vision_tower.requires_grad_(False)
     b, s, t = 2, 16, 8
-    assert flops_per_example(cfg, s, t) == flops_per_example(tiny_config, s, t)
-    executed = stage_flops(cfg, cut_stages(cfg, 1)[0], Geometry(s, t), checkpointing=False).executed
-    assert abs(b * executed / _counted_training_flops(model, b, s, t) - 1) < 0.03
-    assert executed < flops_per_example(cfg, s, t)
+    formula = flops_per_example(cfg, s, t)
+    assert abs(b * formula / _counted_training_flops(model, b, s, t) - 1) < 0.03
+    vision = forward_flops(cfg, s, t)["vision"]
+    assert flops_per_example(tiny_config, s, t) - formula == pytest.approx(2 * vision)
+
+
+def test_hardware_flops_add_the_recomputed_forwards(tiny_config):
+    """HFU's numerator: activation checkpointing runs every trained block's forward again in backward, and
+    the chunked loss the head's; counted against FlopCounterMode on a checkpointed step."""
+    from pali.models.pali import forward_flops, hardware_flops_per_example
+    from pali.parallel.engine import _checkpoint_blocks
+
+    b, s, t = 2, 16, 8
+    for frozen in (False, True):
+        cfg = tiny_config.with_overrides(freeze_vision=frozen)
+        model = create_model(cfg, seed=0)
+        model.vision_tower.requires_grad_(not frozen)
+        _checkpoint_blocks(model)
+        hfu = hardware_flops_per_example(cfg, s, t, checkpointing=True)
+        assert abs(b * hfu / _counted_training_flops(model, b, s, t) - 1) < 0.03, frozen
+        assert hfu > flops_per_example(cfg, s, t)
+        head = forward_flops(cfg, s, t)["head"]
+        assert hardware_flops_per_example(cfg, s, t, recompute_head=True) == pytest.approx(
+            flops_per_example(cfg, s, t) + head)

@@ -193,3 +193,30 @@ def test_token_loss_refuses_packed_logits_of_the_wrong_length():
     assert loss(torch.zeros(3, 10), labels).item() == pytest.approx(3 * torch.log(torch.tensor(10.0)).item())
     with pytest.raises(ValueError, match="packed logits have 4 rows for 3 real targets"):
         loss(torch.zeros(4, 10), labels)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_chunked_loss_and_flex_attention_engine_equals_the_reference(world1, tiny_config, monkeypatch, frozen):
+    """The GPU defaults on CPU: the chunked head + loss (`ChunkedLossStage`, chunks of 5 rows), FlexAttention
+    for T5 and, with the tower frozen, its forward under inference_mode, give the reference model's loss,
+    per-example sums and every gradient (fp32, 1e-5)."""
+    from pali.models import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 5 * tiny_config.text.vocab_size)
+    cfg = tiny_config.with_overrides(freeze_vision=frozen)
+    grid = Grid.init()
+    engine = build_engine(cfg, grid, seed=0, num_microbatches=2, chunked_loss=True, attention="flex")
+    assert engine.chunked_loss and engine.attention == "flex" and not engine.compiled
+    batch = global_batch(cfg)
+    res = engine.train_step(batch)
+    ref = create_model(cfg, seed=0)
+    out = ref(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+              image_mask=batch["image_mask"])
+    out.loss.backward()
+    assert res.loss == pytest.approx(out.loss.item(), rel=1e-6) and res.num_tokens == int(out.num_tokens)
+    want = dict(ref.named_parameters())
+    names = [n for n, _ in engine.named_parameters()]
+    assert any(n.startswith("vision_tower.") for n in names) != frozen
+    for name, p in engine.named_parameters():
+        torch.testing.assert_close(p.grad, want[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+    grid.destroy()
