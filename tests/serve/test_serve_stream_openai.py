@@ -119,3 +119,41 @@ def test_openai_client_plain_streaming_models_and_errors(serve_url):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "no image"}])
     assert "content parts" in e.value.body["message"]
+
+
+def test_full_queue_is_a_fast_503_and_a_gone_client_frees_its_row(serve_url, checkpoints):
+    """A second application on the same Serve instance with one cache row and one queue place."""
+    import time
+
+    from ray import serve
+
+    from serve.app import build_app
+
+    app = build_app({"models": {"tiny": checkpoints["tiny"]}, "num_replicas": 1, "max_batch_size": 1,
+                     "max_ongoing_requests": 16, "max_queued_requests": 1, "num_cpus": 0.25,
+                     "max_new_tokens_limit": 64})
+    serve.run(app, name="small", route_prefix="/small")
+    url = serve_url + "/small"
+    try:
+        long = {"image": b64(png_bytes(1)), "task": "caption", "max_new_tokens": 64}
+        # a client that goes away: its stream is closed after the first piece, and the row is freed
+        r = requests.post(url + "/v1/generate", json={**long, "stream": True}, stream=True, timeout=60)
+        assert r.status_code == 200
+        next(r.iter_lines())
+        r.close()
+        deadline = time.time() + 30
+        while requests.get(url + "/v1/stats", timeout=30).json()["cancelled"] < 1:
+            assert time.time() < deadline, "the closed stream's row was not freed"
+            time.sleep(0.2)
+        with ThreadPoolExecutor(8) as pool:
+            t0 = time.perf_counter()
+            resps = list(pool.map(lambda _: requests.post(url + "/v1/generate", json=long, timeout=120), range(8)))
+        codes = sorted(r.status_code for r in resps)
+        assert 200 in codes and 503 in codes, codes
+        busy = [r for r in resps if r.status_code == 503]
+        assert all(r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"] for r in busy)
+        assert time.perf_counter() - t0 < 60
+        stats = requests.get(url + "/v1/stats", timeout=30).json()
+        assert stats["rejected"] == len(busy) and stats["cache_rows"] == 1 and stats["max_queued_requests"] == 1
+    finally:
+        serve.delete("small")
