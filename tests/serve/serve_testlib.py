@@ -94,10 +94,12 @@ def odd_images() -> dict[str, bytes]:
     sixteen = Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16))
     return {
         "rgba_png": enc(rgb.convert("RGBA"), "PNG"), "la_png": enc(rgb.convert("LA"), "PNG"),
-        "palette_png": enc(rgb.convert("P"), "PNG"), "palette_transparent": enc(rgb.convert("P"), "PNG", transparency=0),
+        "palette_png": enc(rgb.convert("P"), "PNG"),
+        "palette_transparent": enc(rgb.convert("P"), "PNG", transparency=0),
         "grayscale": enc(rgb.convert("L"), "PNG"), "cmyk_jpeg": enc(rgb.convert("CMYK"), "JPEG"),
         "png_16bit": enc(sixteen, "PNG"), "webp": enc(rgb, "WEBP"),
         "animated_gif": enc(rgb.convert("P"), "GIF", save_all=True, append_images=[rgb.convert("P").rotate(90)]),
         "exif_rotated_jpeg": enc(rotated, "JPEG", exif=exif), "1x1": enc(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
-        "2000x2": enc(Image.new("RGB", (2000, 2), (200, 0, 0)), "PNG"), "2x2000": enc(Image.new("RGB", (2, 2000)), "PNG"),
+        "2000x2": enc(Image.new("RGB", (2000, 2), (200, 0, 0)), "PNG"),
+        "2x2000": enc(Image.new("RGB", (2, 2000)), "PNG"),
     }

@@ -31,8 +31,9 @@ def events(resp: requests.Response) -> list[tuple[str, dict]]:
 
 
 def test_streaming_pieces_join_to_the_answer_and_equal_the_plain_answer(serve_url):
-    for i, (task, lang, prompt) in enumerate([("caption", "zh", None), ("vqa", "ja", "何色?"), ("raw", "ru", SENTENCES[6]),
-                                              ("caption", "ar", None), ("ocr", "hi", None)]):
+    cases = [("caption", "zh", None), ("vqa", "ja", "何色?"), ("raw", "ru", SENTENCES[6]), ("caption", "ar", None),
+             ("ocr", "hi", None)]
+    for i, (task, lang, prompt) in enumerate(cases):
         req = {"image": b64(png_bytes(300 + i)), "task": task, "lang": lang, "max_new_tokens": 24}
         if prompt:
             req["prompt"] = prompt
