@@ -55,6 +55,7 @@ from serve.streaming import Detokenizer, sse
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
 BATCH_HEADER = "x-pali-batch-size"
+TTFT_HEADER = "x-pali-ttft-s"  # seconds from admission to the request's first token (iteration batching)
 MODEL_HEADER = "serve_multiplexed_model_id"  # Serve's multiplexed-model header
 
 
@@ -440,7 +441,8 @@ class PaLIServer:
         del served, entry
         body = json.dumps({"text": result.text, "lang": req.lang, "model": name, "tokens": result.tokens},
                           ensure_ascii=False).encode()
-        return Response(body, media_type="application/json", headers={BATCH_HEADER: str(result.batch_size)})
+        return Response(body, media_type="application/json",
+                        headers={BATCH_HEADER: str(result.batch_size), TTFT_HEADER: f"{greq.first_token_s or 0:.4f}"})
 
     async def _sse_generate(self, it: AsyncIterator[tuple], first: tuple, entry: LoadedModel,
                             req: GenerateRequest, name: str) -> AsyncIterator[str]:

@@ -287,7 +287,12 @@ class Scheduler:
         enc_mask = torch.cat([torch.ones(visual.shape[:2], dtype=torch.long, device=mask.device), mask], 1)
         enc = text.encoder(x, enc_mask)
         slots = [heapq.heappop(self.free) for _ in ok]
-        self.cache.prefill(slots, enc, enc_mask)
+        try:
+            self.cache.prefill(slots, enc, enc_mask)
+        except Exception:
+            for slot in slots:  # the rows were never taken
+                heapq.heappush(self.free, slot)
+            raise
         self.stats.prefills += 1
         for (r, _), slot in zip(ok, slots, strict=True):
             r.slot, r.state = slot, "running"
