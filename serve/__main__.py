@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=16, help="1 turns batching off")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.1,
                    help="how long a partial batch waits for more requests (default 0.1)")
+    p.add_argument("--batching", choices=["iteration", "whole_call"], default="iteration",
+                   help="iteration: requests join the running batch between decoding steps (default); whole_call: "
+                        "@serve.batch groups decoded to completion (the previous engine)")
+    p.add_argument("--max-queued-requests", type=int, default=64,
+                   help="waiting requests per loaded model before a 503 with Retry-After (default 64)")
     p.add_argument("--num-replicas", type=int, default=None, help="fixed replicas (default: autoscale)")
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=2)
@@ -58,7 +63,8 @@ def app_args(ns: argparse.Namespace) -> AppArgs:
     target = max(mbs, 2)
     return AppArgs(models=models, default_model=ns.name, max_batch_size=mbs,
                    batch_wait_timeout_s=ns.batch_wait_timeout_s, max_ongoing_requests=int(target * 1.5),
-                   num_replicas=ns.num_replicas, num_cpus=ns.num_cpus, torch_threads=ns.torch_threads,
+                   batching=ns.batching, max_queued_requests=ns.max_queued_requests, num_replicas=ns.num_replicas,
+                   num_cpus=ns.num_cpus, torch_threads=ns.torch_threads,
                    autoscaling=AutoscalingArgs(min_replicas=ns.min_replicas, max_replicas=ns.max_replicas,
                                                target_ongoing_requests=target))
 

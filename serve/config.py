@@ -127,6 +127,23 @@ class AppArgs(BaseModel):
     """Largest decoded image (width*height); guards against decompression bombs."""
     max_body_bytes: int = Field(10 * 2**20, ge=1024)
     """Largest request body in bytes."""
+    batching: Literal["iteration", "whole_call"] = Field("iteration")
+    """`iteration`: one decode loop per loaded model admits requests between decoding steps
+    (`serve.scheduler`), `max_batch_size` rows at once; `whole_call`: Serve's `@serve.batch` groups decoded
+    to completion together (the previous engine, kept for comparison)."""
+    max_queued_requests: int = Field(64, ge=0)
+    """Requests one model's decode loop holds waiting for a cache row; past it a 503 with Retry-After."""
+    request_timeout_s: float = Field(60.0, gt=0)
+    """A request not answered within this many seconds is dropped (504) and its row freed."""
+    feature_cache_bytes: int = Field(64 * 2**20, ge=0)
+    """Bytes of vision-tower outputs kept per replica, keyed by image hash (0 turns the cache off)."""
+    image_fetch_hosts: list[str] = Field(default_factory=list)
+    """Hosts whose http(s) image URLs `/v1/chat/completions` may fetch; empty (default) refuses every URL
+    (no server-side fetching: SSRF)."""
+    image_fetch_max_bytes: int = Field(10 * 2**20, ge=1)
+    """Largest fetched image."""
+    image_fetch_timeout_s: float = Field(5.0, gt=0)
+    """Timeout of one image fetch."""
 
     @field_validator("models")
     @classmethod

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pali.data.pipeline import normalize_images, resize_rgb
-from pali.data.prompts import SUPPORTED_LANGS, build_prompt
+from pali.data.prompts import build_prompt, check_lang
 from serve.config import TASKS
 from serve.preprocess import InputError, decode_image
 
@@ -73,12 +73,17 @@ class DecodeParams:
     """Beam width (1 = greedy or sampling)."""
     temperature: float = 0.0
     """0 = greedy / beam search; > 0 = sampling at this temperature."""
+    top_k: int = 0
+    """Sampling among the k likeliest tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments of `model.generate`."""
         sample = self.temperature > 0
         return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": sample,
-                "temperature": self.temperature if sample else 1.0}
+                "temperature": self.temperature if sample else 1.0, "top_k": self.top_k if sample else 0,
+                "top_p": self.top_p if sample else 1.0}
 
 
 @dataclass
@@ -115,7 +120,7 @@ class Result:
 
 
 def check_params(max_new_tokens: int, num_beams: int, temperature: float, *, max_new_tokens_limit: int,
-                 max_beams: int, max_temperature: float) -> DecodeParams:
+                 max_beams: int, max_temperature: float, top_k: int = 0, top_p: float = 1.0) -> DecodeParams:
     """Validated `DecodeParams`; InputError naming the bad value and its allowed range otherwise."""
     if not 1 <= max_new_tokens <= max_new_tokens_limit:
         raise InputError(f"max_new_tokens={max_new_tokens}; expected 1..{max_new_tokens_limit}")
@@ -126,27 +131,34 @@ def check_params(max_new_tokens: int, num_beams: int, temperature: float, *, max
     if temperature > 0 and num_beams > 1:
         raise InputError(f"temperature={temperature} with num_beams={num_beams}; sampling needs num_beams=1 "
                          "(use temperature=0 for beam search)")
-    return DecodeParams(max_new_tokens, num_beams, float(temperature))
+    if top_k < 0:
+        raise InputError(f"top_k={top_k}; expected >= 0 (0 = off)")
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p={top_p}; expected 0 < top_p <= 1")
+    return DecodeParams(max_new_tokens, num_beams, float(temperature), int(top_k), float(top_p))
 
 
 def make_prompt(task: str, lang: str, prompt: str | None) -> str:
     """The training prompt of `task` in `lang`; `prompt` is the question (vqa) or the whole prompt (raw)."""
     if task not in TASKS:
         raise InputError(f"unsupported task {task!r}; expected one of {list(TASKS)}")
-    if lang not in SUPPORTED_LANGS:
-        raise InputError(f"unsupported language {lang!r}; expected one of {list(SUPPORTED_LANGS)}")
+    try:
+        check_lang(lang)  # pali.data.prompts decides which tags are registered; its ValueError is a 400
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if task == "raw":
         if not prompt:
             raise InputError("task 'raw' needs a non-empty prompt")
         return prompt
-    if task == "vqa":
-        if not prompt:
-            raise InputError("task 'vqa' needs the question in 'prompt'")
-        return build_prompt("vqa", lang, question=prompt)
-    if prompt:
+    if task == "vqa" and not prompt:
+        raise InputError("task 'vqa' needs the question in 'prompt'")
+    if task != "vqa" and prompt:
         raise InputError(f"task {task!r} takes no prompt (it is built from task and lang); use task 'raw' "
                          "to send a prompt verbatim")
-    return build_prompt(task, lang)
+    try:
+        return build_prompt("vqa", lang, question=prompt) if task == "vqa" else build_prompt(task, lang)
+    except ValueError as e:  # e.g. a language tag without registered templates: the client's input
+        raise InputError(str(e)) from None
 
 
 PROMPT_CACHE_SIZE = 4096
@@ -255,6 +267,11 @@ class BatchStats:
         self.unbatched_alone = 0
         """Requests decoded at once because nothing else was in flight (no batch wait)."""
         self.started = time.time()
+
+    def record_request(self, batch_size: int) -> None:
+        """Add one request answered by the decode loop, with the most rows it shared a step with."""
+        self.sizes[batch_size] += 1
+        self.requests += 1
 
     def record(self, sizes: list[int]) -> None:
         """Add the batch sizes of one `decode_items` call."""

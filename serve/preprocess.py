@@ -12,7 +12,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class InputError(ValueError):
@@ -61,7 +61,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             if w < 1 or h < 1:
                 raise InputError(f"image is {w}x{h}; expected a non-empty image")
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except InputError:
         raise
     except Image.DecompressionBombError as e:
@@ -71,6 +71,23 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                          f"{data[:8]!r}); expected JPEG, PNG, WebP, GIF or BMP") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"image is truncated or corrupt ({e}); expected a complete JPEG/PNG file") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB of an image as people send it: EXIF orientation applied, transparency over white, 16-bit and
+    float grayscale scaled to 8 bits, palette / CMYK / grayscale converted (an animated GIF's first frame)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def preprocess_image(img: Image.Image, image_size: int) -> np.ndarray:

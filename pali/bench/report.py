@@ -240,6 +240,8 @@ def _serve_section(s: dict) -> list[str]:
         lines += [f"Replica decode path without HTTP (`serve.engine.decode_items`, {ip['batch_size']} requests): "
                   f"{ip['requests_per_s_batched']:.1f} req/s batched vs {ip['requests_per_s_one_by_one']:.1f} "
                   f"req/s one by one = **{ip['ratio']:.2f}x**.", ""]
+    if "poisson" in s:  # pali.bench.serve_poisson: iteration vs whole-call batching vs batch size 1
+        lines += ["## Serving: open-loop Poisson arrivals, max_new_tokens 2..32", "", s["poisson"]["markdown"], ""]
     return lines
 
 

@@ -45,6 +45,10 @@ class ServeBenchConfig:
     """Repeats of the in-process (no HTTP) batch-vs-single measurement of the replica's decode path."""
     start_attempts: int = 2
     """Tries when Ray or Serve fails to start (start-up timeouts on a loaded machine)."""
+    poisson_rates: tuple[float, ...] = (4, 8, 16, 24, 32)
+    """Arrival rates (requests/s) of the open-loop Poisson run (`pali.bench.serve_poisson`); empty skips it."""
+    poisson_duration_s: float = 8.0
+    """Seconds of arrivals per rate and mode."""
 
 
 def load_run(cfg: ServeBenchConfig, ingress: str) -> dict:
@@ -101,6 +105,30 @@ def run_serve(cfg: ServeBenchConfig) -> dict:
     for ingress in cfg.ingresses:
         res["ingress"][ingress] = summarise(load_run(cfg, ingress))
     res["in_process"] = replica_batching(cfg.max_batch_size, cfg.max_new_tokens, cfg.in_process_repeats)
+    if cfg.poisson_rates:
+        res["poisson"] = poisson_run(cfg)
+    return res
+
+
+def poisson_run(cfg: ServeBenchConfig) -> dict:
+    """The JSON of one `pali.bench.serve_poisson` run (iteration vs whole-call batching vs batch size 1) in a
+    fresh process and Ray session; its markdown table is under `markdown`."""
+    from pali.bench.serve_poisson import to_markdown
+
+    env = dict(os.environ)
+    for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        env.setdefault(var, "60")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "poisson.json"
+        rates = ",".join(f"{r:g}" for r in cfg.poisson_rates)
+        argv = [sys.executable, "-m", "pali.bench.serve_poisson", "--rates", rates, "--duration",
+                str(cfg.poisson_duration_s), "--out", str(out)]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"serve_poisson failed ({proc.returncode}); its output ends:\n{proc.stdout[-2000:]}"
+                               f"{proc.stderr[-2000:]}")
+        res = json.loads(out.read_text())
+    res["markdown"] = to_markdown(res)
     return res
 
 

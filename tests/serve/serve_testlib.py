@@ -76,3 +76,30 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
         if time.time() > deadline:
             raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
         time.sleep(0.2)
+
+
+def odd_images() -> dict[str, bytes]:
+    """Images as people send them: alpha, palette, grayscale, CMYK, 16-bit, WebP, animated GIF, EXIF
+    rotation, 1x1 and extreme aspect ratios."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+
+    def enc(img: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    rotated = rgb.copy()
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    sixteen = Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16))
+    return {
+        "rgba_png": enc(rgb.convert("RGBA"), "PNG"), "la_png": enc(rgb.convert("LA"), "PNG"),
+        "palette_png": enc(rgb.convert("P"), "PNG"),
+        "palette_transparent": enc(rgb.convert("P"), "PNG", transparency=0),
+        "grayscale": enc(rgb.convert("L"), "PNG"), "cmyk_jpeg": enc(rgb.convert("CMYK"), "JPEG"),
+        "png_16bit": enc(sixteen, "PNG"), "webp": enc(rgb, "WEBP"),
+        "animated_gif": enc(rgb.convert("P"), "GIF", save_all=True, append_images=[rgb.convert("P").rotate(90)]),
+        "exif_rotated_jpeg": enc(rotated, "JPEG", exif=exif), "1x1": enc(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+        "2000x2": enc(Image.new("RGB", (2000, 2), (200, 0, 0)), "PNG"),
+        "2x2000": enc(Image.new("RGB", (2, 2000)), "PNG"),
+    }
