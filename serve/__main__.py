@@ -53,12 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def app_args(ns: argparse.Namespace) -> AppArgs:
     """`AppArgs` from parsed flags."""
-    models = {ns.name: os.path.abspath(ns.checkpoint)}
+    models = {ns.name: _where(ns.checkpoint)}
     for spec in ns.model:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--model {spec!r}: expected NAME=DIR")
-        models[name] = os.path.abspath(path)
+        models[name] = _where(path)
     mbs = ns.max_batch_size
     target = max(mbs, 2)
     return AppArgs(models=models, default_model=ns.name, max_batch_size=mbs,
@@ -67,6 +67,13 @@ def app_args(ns: argparse.Namespace) -> AppArgs:
                    num_cpus=ns.num_cpus, torch_threads=ns.torch_threads,
                    autoscaling=AutoscalingArgs(min_replicas=ns.min_replicas, max_replicas=ns.max_replicas,
                                                target_ongoing_requests=target))
+
+
+def _where(path: str) -> str:
+    """A checkpoint's location for the replicas: absolute when local, a URI (s3://...) as given."""
+    from pali import storage
+
+    return path if storage.is_uri(path) else os.path.abspath(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,6 @@ arguments against it), what `python -m serve` fills from its flags and what test
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -168,7 +167,9 @@ class AppArgs(BaseModel):
 
     def check_checkpoints(self) -> None:
         """Raise FileNotFoundError naming every configured checkpoint without a `config.json`."""
-        bad = [f"{n}: {d}" for n, d in self.models.items() if not (Path(d) / "config.json").is_file()]
+        from pali import storage
+
+        bad = [f"{n}: {d}" for n, d in self.models.items() if not storage.exists(storage.join(d, "config.json"))]
         if bad:
             raise FileNotFoundError(f"serving checkpoints not found (no config.json): {bad}; expected directories "
                                     "written by pali.save_pretrained")

@@ -18,6 +18,7 @@ import torch
 
 from pali.data.pipeline import normalize_images, resize_rgb
 from pali.data.prompts import build_prompt, check_lang
+from pali.models import naflex
 from serve.config import TASKS
 from serve.preprocess import InputError, decode_image
 
@@ -51,8 +52,10 @@ class LoadedModel:
 
 def load_model(name: str, ckpt_dir: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a serving checkpoint (safetensors + json + sentencepiece; no pickle)."""
+    from pali import storage
     from pali.serving_checkpoint import load_pretrained
 
+    ckpt_dir = str(storage.local_checkpoint(ckpt_dir))  # a URI is served from a cached local copy
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint of model {name!r} not found at {ckpt_dir}")
     torch_dtype = None if device == "cpu" or dtype == "float32" else getattr(torch, dtype)
@@ -217,6 +220,10 @@ def prepare_pixels(items: list[Item]) -> list[Result | None]:
             continue
         try:
             img = decode_image(it.image or b"", it.max_image_pixels)
+            vision = it.entry.model.cfg.vision
+            if vision.naflex:  # aspect ratio kept: packed patches float32[1 + N, p*p*3], already normalised
+                it.pixels = naflex.image_input(vision, img)
+                continue
             arr = resize_rgb(img, it.entry.image_size)  # (H, W, 3) uint8
         except InputError as e:
             errors[i] = Result(error=e)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pali.data.pipeline import normalize_images, resize_rgb
+from pali.models import naflex
 from pali.models.generate import filter_logits
 from pali.models.slot_cache import SlotCache, bucket_for
 from serve.engine import DecodeParams, Item, LoadedModel, Result, decode_items
@@ -240,8 +241,14 @@ class Scheduler:
                                     batch_size=req.batch_size))
 
     def _visual_tokens(self, reqs: list[GenRequest]) -> list[torch.Tensor | None]:
-        """Projected visual tokens float[P, D] per request (feature cache first); None for a bad image."""
+        """Projected visual tokens per request (feature cache first); None for a bad image.
+
+        float[P, D] for a fixed-size tower. For a NaFlex tower (aspect ratio kept, a variable number of
+        real patches padded to the budget) float[P, D + 1]: the last column is 1 for a real patch and 0 for
+        padding, which the encoder masks (as `PaLI.encode` does).
+        """
         model, size = self.entry.model, self.entry.image_size
+        vcfg = model.cfg.vision
         out: list[torch.Tensor | None] = [None] * len(reqs)
         keys, todo, arrs = [], [], []
         for i, req in enumerate(reqs):
@@ -252,14 +259,19 @@ class Scheduler:
                 out[i] = hit
                 continue
             try:
-                arrs.append(resize_rgb(decode_image(req.image, req.max_image_pixels), size))
+                img = decode_image(req.image, req.max_image_pixels)
+                arrs.append(naflex.image_input(vcfg, img) if vcfg.naflex else resize_rgb(img, size))
             except InputError as e:
                 self._finish(req, error=e)
                 continue
             todo.append(i)
         if todo:
-            pixels = torch.from_numpy(normalize_images(np.stack(arrs))).to(self.entry.device, self.dtype)
+            batch = np.stack(arrs) if vcfg.naflex else normalize_images(np.stack(arrs))
+            pixels = torch.from_numpy(batch).to(self.entry.device, self.dtype)
             vis = model.projector(model.vision(pixels))  # (n, P, D)
+            real = model.vision_tower.token_mask(pixels)  # (n, P) for NaFlex input, else None
+            if real is not None:
+                vis = torch.cat([vis, real.to(vis.dtype).unsqueeze(-1)], -1)
             for j, i in enumerate(todo):
                 out[i] = vis[j]
                 if self.features is not None:
@@ -282,9 +294,13 @@ class Scheduler:
         for i, (r, _) in enumerate(ok):
             mask[i, : len(r.input_ids)] = 1  # a prompt may contain pad ids only as padding
         ids, mask = ids.to(self.entry.device), mask.to(self.entry.device)
-        visual = torch.stack([v for _, v in ok]).to(self.dtype)  # (n, P, D)
+        visual = torch.stack([v for _, v in ok]).to(self.dtype)  # (n, P, D) or (n, P, D + 1) for NaFlex
+        if self.entry.model.cfg.vision.naflex:
+            visual, vmask = visual[..., :-1], visual[..., -1].round().long().to(mask.device)
+        else:
+            vmask = torch.ones(visual.shape[:2], dtype=torch.long, device=mask.device)
         x = torch.cat([visual, text.embed(ids)], 1)
-        enc_mask = torch.cat([torch.ones(visual.shape[:2], dtype=torch.long, device=mask.device), mask], 1)
+        enc_mask = torch.cat([vmask, mask], 1)
         enc = text.encoder(x, enc_mask)
         slots = [heapq.heappop(self.free) for _ in ok]
         try:

@@ -10,7 +10,8 @@ from serve_testlib import free_port, make_checkpoint, wait_http
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """Tiny serving checkpoints: "tiny" and "tiny-b" (other weights), "broken" (corrupt weights file)."""
+    """Tiny serving checkpoints: "tiny" and "tiny-b" (other weights), "broken" (corrupt weights file),
+    "naflex" (a SigLIP 2 NaFlex tower: images keep their aspect ratio)."""
     import shutil
 
     from pali.tokenizer import Tokenizer
@@ -21,7 +22,9 @@ def checkpoints(tmp_path_factory):
     broken = root / "broken"
     shutil.copytree(a, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    return {"tiny": str(a), "tiny-b": str(b), "broken": str(broken)}
+    nf = make_checkpoint(root / "naflex", seed=2, tok=Tokenizer.load(a / "tokenizer.model"),
+                         vision__naflex=True, vision__layout="siglip2", vision__max_num_patches=18)
+    return {"tiny": str(a), "tiny-b": str(b), "broken": str(broken), "naflex": str(nf)}
 
 
 @pytest.fixture(scope="session")

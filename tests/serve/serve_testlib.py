@@ -18,8 +18,8 @@ SENTENCES = [
 ]
 
 
-def make_checkpoint(out_dir, seed: int, tok=None):
-    """A tiny random PaLI with a tokenizer trained on a few multilingual sentences."""
+def make_checkpoint(out_dir, seed: int, tok=None, **overrides):
+    """A tiny random PaLI (with config `overrides`) and a tokenizer trained on a few multilingual sentences."""
     import pali
     from pali.config import get_preset
     from pali.data.prompts import prompt_templates
@@ -27,7 +27,7 @@ def make_checkpoint(out_dir, seed: int, tok=None):
 
     if tok is None:
         tok = Tokenizer.train(SENTENCES * 4 + prompt_templates(), vocab_size=1000, seed=0)
-    cfg = get_preset("tiny").with_overrides(text__vocab_size=tok.vocab_size)
+    cfg = get_preset("tiny").with_overrides(text__vocab_size=tok.vocab_size, **overrides)
     model = pali.create_model(cfg, seed=seed)
     return pali.save_pretrained(model, tok, out_dir)
 
