@@ -88,6 +88,9 @@ class DeepEncoderStage(nn.Module):
         x = m.text.embed(input_ids)  # (B, S_text, D)
         visual = m.projector(m.vision(pixel_values)).to(x.dtype)  # (B, P, D)
         vmask = torch.ones(visual.shape[:2], dtype=torch.long, device=x.device) * image_mask.long().view(-1, 1)
+        real = m.vision_tower.token_mask(pixel_values)  # NaFlex: padded patches are masked, as in PaLI.encode
+        if real is not None:
+            vmask = vmask * real.long()
         mask = torch.cat([vmask, attention_mask.long()], dim=1)  # (B, S)
         x = torch.cat([visual, x], dim=1)
         enc = m.text.encoder
