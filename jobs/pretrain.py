@@ -129,13 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(local / "summary.json", summary)
     if storage.is_uri(out):  # the driver's record joins the workers' on the storage
         for name in ("summary.json", "heldout.json", "eval"):
-            p = local / name
-            if p.is_dir():
-                storage.upload_dir(p, storage.join(out, name))
-            elif p.is_file():
-                fs, dst = storage.filesystem_for(storage.join(out, name))
-                with fs.open_output_stream(dst) as f:
-                    f.write(p.read_bytes())
+            storage.upload(local / name, storage.join(out, name))
     return 0
 
 

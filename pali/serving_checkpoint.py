@@ -79,7 +79,8 @@ def save_streamed(state: Mapping[str, torch.Tensor], cfg: PaLIConfig, tokenizer,
     if storage.is_uri(out_dir):
         fs, p = storage.filesystem_for(out_dir)
         fs.create_dir(p, recursive=True)
-        fs.delete_file(p + "/" + CONFIG_FILE) if storage.exists(storage.join(out_dir, CONFIG_FILE)) else None
+        if storage.exists(storage.join(out_dir, CONFIG_FILE)):
+            fs.delete_file(p + "/" + CONFIG_FILE)
         write_into(str(out_dir))
         return str(out_dir)
     out = Path(out_dir)

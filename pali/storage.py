@@ -86,6 +86,17 @@ def upload_dir(local_dir: str | os.PathLike, dest: str) -> None:
                     destination_filesystem=fs)
 
 
+def upload(local: str | os.PathLike, dest: str) -> None:
+    """Copy a local file or directory to `dest` (a URI or local path); a missing `local` copies nothing."""
+    p = Path(local)
+    if p.is_dir():
+        upload_dir(p, dest)
+    elif p.is_file():
+        fs, dst = filesystem_for(dest)
+        with fs.open_output_stream(dst) as f:
+            f.write(p.read_bytes())
+
+
 def download_dir(src: str, local_dir: str | os.PathLike) -> Path:
     """Copy the files under `src` (a URI) into `local_dir`."""
     fs, p = filesystem_for(src)

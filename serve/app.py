@@ -423,8 +423,7 @@ class PaLIServer:
             if req.stream:
                 raise InputError("stream=true needs batching: iteration (this server runs whole_call)")
             return await self._generate_whole_call(request, served, ids, data, params, req, name)
-        sp = SamplingParams(params.max_new_tokens, params.num_beams, params.temperature, params.top_k,
-                            params.top_p, req.seed)
+        sp = SamplingParams.of(params, req.seed)
         self._active += 1
         try:
             greq, events = self._submit(served, ids, data, sp, stream=req.stream)
@@ -523,7 +522,7 @@ class PaLIServer:
                               max_new_tokens_limit=self.args.max_new_tokens_limit, max_beams=1,
                               max_temperature=self.args.max_temperature)
         ids = encode_prompt(entry, prompt)
-        sp = SamplingParams(params.max_new_tokens, 1, params.temperature, 0, params.top_p, creq.seed)
+        sp = SamplingParams.of(params, creq.seed)
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         visual = entry.model.cfg.vision.num_tokens
         self._active += 1

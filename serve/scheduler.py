@@ -18,6 +18,7 @@ thread: the app forwards them to its event loop).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import heapq
 import logging
@@ -46,21 +47,17 @@ class QueueFull(RuntimeError):
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding parameters (rows with different values share decoding steps)."""
+class SamplingParams(DecodeParams):
+    """Per-request decoding parameters: `DecodeParams` plus a seed (rows with different values share
+    decoding steps; num_beams > 1 runs in a beam group of its own)."""
 
-    max_new_tokens: int
-    """Most tokens generated."""
-    num_beams: int = 1
-    """Beam width; > 1 runs in a beam group of its own."""
-    temperature: float = 0.0
-    """0 = greedy; > 0 samples."""
-    top_k: int = 0
-    """Sample among the k likeliest tokens (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1 = off)."""
     seed: int | None = None
     """Seed of this request's own generator: equal seeds give equal samples."""
+
+    @classmethod
+    def of(cls, params: DecodeParams, seed: int | None) -> SamplingParams:
+        """Validated `params` (`serve.engine.check_params`) with this request's seed."""
+        return cls(**dataclasses.asdict(params), seed=seed)
 
 
 @dataclass(eq=False)

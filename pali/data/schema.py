@@ -42,6 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pali.data.langs import canonical_lang
+from pali.storage import filesystem_for
 
 REQUIRED = ("id", "image", "lang")
 STRING_FIELDS = ("text", "question", "answer", "ocr_text", "task")
@@ -55,13 +56,6 @@ ARROW_SCHEMA = pa.schema([
     ("captions", pa.list_(pa.string())), ("answers", pa.list_(pa.string())),
     ("image_labels", pa.list_(pa.string())), ("captions_tokenized", pa.list_(pa.string())),
 ])
-
-
-def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/key."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
 def _open_write(path: str):

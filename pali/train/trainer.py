@@ -62,15 +62,8 @@ def push_driver_files(cfg: TrainConfig) -> None:
     """Copy the driver's files to an object-storage output (a no-op for local outputs)."""
     if not storage.is_uri(cfg.output_dir):
         return
-    local = cfg.local_output_dir()
     for name in DRIVER_FILES:
-        p = local / name
-        if p.is_dir():
-            storage.upload_dir(p, storage.join(cfg.output_dir, name))
-        elif p.is_file():
-            fs, dst = storage.filesystem_for(storage.join(cfg.output_dir, name))
-            with fs.open_output_stream(dst) as f:
-                f.write(p.read_bytes())
+        storage.upload(cfg.local_output_dir() / name, storage.join(cfg.output_dir, name))
 
 
 def worker_env(threads_per_worker: int) -> dict[str, str]:
