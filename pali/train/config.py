@@ -73,9 +73,10 @@ class TrainConfig:
     workers: int = 2
     """Ray Train workers (world size) when not elastic."""
     min_workers: int | None = None
-    """Elastic mode: fewest workers to run with (a multiple of tp * pp)."""
+    """Elastic mode: fewest workers to run with (at least tp * pp; a size between multiples of tp * pp trains
+    its whole replicas and leaves the rest idle)."""
     max_workers: int | None = None
-    """Elastic mode: most workers to grow to (a multiple of tp * pp)."""
+    """Elastic mode: most workers to grow to."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each worker reserves (keep the sum below the cluster's, so Ray Data tasks can run)."""
     worker_resources: dict[str, float] = field(default_factory=dict)
@@ -133,13 +134,15 @@ class TrainConfig:
         lo, hi = self.worker_range()
         if not self.elastic and lo % mp:
             raise ValueError(f"world size {lo} is not a multiple of tp*pp = {mp}")
-        if self.elastic and (lo % mp or hi % mp):
-            raise ValueError(f"the worker range [{lo}, {hi}] must start and end at multiples of tp*pp = {mp}")
-        uneven = [n for n in range(lo, hi + 1, mp) if self.global_batch % (n // mp)]
+        if self.elastic and lo < mp:
+            raise ValueError(f"the worker range [{lo}, {hi}] starts below tp*pp = {mp}: no whole model replica "
+                             f"fits in {lo} workers")
+        # A size between multiples trains world // (tp*pp) replicas, the rest idle (pali.train.subworld).
+        uneven = sorted({n - n % mp for n in range(lo, hi + 1) if self.global_batch % (n // mp)})
         if uneven:
             raise ValueError(f"global batch {self.global_batch} does not split evenly over the data-parallel "
-                             f"ranks of world sizes {uneven} in [{lo}, {hi}] (dp = world / (tp*pp = {mp})); pick "
-                             f"a global batch divisible by every dp in the range, or narrow the range")
+                             f"ranks of world sizes {uneven} in [{lo}, {hi}] (dp = world // (tp*pp = {mp})); "
+                             f"pick a global batch divisible by every dp in the range, or narrow the range")
         for name in ("output_dir", "init_from", "tokenizer", "storage_path"):
             value = getattr(self, name)
             if value and "://" in value and not value.split("://", 1)[1].strip("/"):

@@ -111,15 +111,20 @@ def resume_checkpoint(ckpt, run_dir: str | None, stack: contextlib.ExitStack,
     fallback = ck.latest_complete(run_dir) if run_dir and "://" not in run_dir else None
     line = (f"[pali] not resuming from checkpoint {d}: {problem}; "
             + (f"using {fallback} instead" if fallback else "no complete checkpoint to use instead"))
+    log_event(events, line)
+    if fallback is None:
+        raise RuntimeError(f"the latest checkpoint is incomplete ({problem}) and no complete one exists under "
+                           f"{run_dir}; delete the run directory to start over")
+    return str(fallback)
+
+
+def log_event(events: Path | None, line: str) -> None:
+    """Print `line` to the worker's log and append it, timestamped, to the run's `events.log` (if given)."""
     print(line, flush=True)
     if events is not None:
         events.parent.mkdir(parents=True, exist_ok=True)
         with open(events, "a") as f:
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
-    if fallback is None:
-        raise RuntimeError(f"the latest checkpoint is incomplete ({problem}) and no complete one exists under "
-                           f"{run_dir}; delete the run directory to start over")
-    return str(fallback)
 
 
 def restore_training_state(loaded, engine, opt, sched, named, grid, rank: int, start_step: int,
@@ -168,8 +173,9 @@ def build_feeder(config: dict, cfg: TrainConfig, mcfg: PaLIConfig, grid, world: 
 
 
 def save_and_report(step: int, loss: float, state, engine, opt, named, grid, world: int, rank: int,
-                    cfg: TrainConfig, mcfg: PaLIConfig, tokenizer_bytes: bytes) -> None:
-    """Write this rank's shard of a checkpoint (rank 0 adds meta.json with the data state) and report it."""
+                    cfg: TrainConfig, mcfg: PaLIConfig, tokenizer_bytes: bytes, relay=None) -> None:
+    """Write this rank's shard of a checkpoint (rank 0 adds meta.json with the data state) and report it
+    (rank 0 first lets idle ranks, if any, report too: see `pali.train.subworld`)."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -186,8 +192,10 @@ def save_and_report(step: int, loss: float, state, engine, opt, named, grid, wor
     with tempfile.TemporaryDirectory(prefix="pali-ckpt-") as tmp:
         ck.save_shard(tmp, rank, layout, engine.shard_spec(), engine.local_state_dict(), opt, named, meta,
                       Tokenizer.from_proto(tokenizer_bytes) if rank == 0 else None)
-        ray.train.report({"step": step, "loss": loss, "data_position": state.cursor},
-                         checkpoint=Checkpoint.from_directory(tmp))
+        metrics = {"step": step, "loss": loss, "data_position": state.cursor}
+        if relay is not None:
+            relay.publish(metrics)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
 def _replica_groups(world: int, mp: int):
@@ -209,6 +217,13 @@ class _Worker:
     device: torch.device
     per_rank: int
     n_micro: int
+    relay: Any = None
+    """The link to idle ranks when the group is not a multiple of tp*pp (`pali.train.subworld`), else None."""
+
+    @property
+    def idle(self) -> bool:
+        """True on a rank left over after the whole replicas (it trains nothing until the next resize)."""
+        return self.rank >= self.world
 
 
 @dataclass
@@ -231,17 +246,22 @@ def setup_worker(config: dict[str, Any]) -> _Worker:
 
     cfg = TrainConfig.from_dict(config["train"])
     mcfg = PaLIConfig.from_dict(config["model"])
+    from pali.train.resources import torch_backend
+    from pali.train.subworld import active_world, split_world
+
     ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    group, rank = ctx.get_world_size(), ctx.get_world_rank()
     mp = cfg.tp * cfg.pp
-    if world % mp:
-        raise ValueError(f"world size {world} is not a multiple of tp*pp = {mp}")
+    world = active_world(group, mp)
+    relay = split_world(group, rank, mp, torch_backend(cfg.use_gpu), ray.util.get_node_ip_address())
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    if rank >= world:
+        return _Worker(config, cfg, mcfg, world, rank, None, device, 0, 0, relay)
     grid = Grid.init(dp=world // mp, pp=cfg.pp, tp=cfg.tp)
     per_rank, n_micro = cfg.microbatches(grid.dp)
     torch.manual_seed(cfg.seed + rank)
-    return _Worker(config, cfg, mcfg, world, rank, grid, device, per_rank, n_micro)
+    return _Worker(config, cfg, mcfg, world, rank, grid, device, per_rank, n_micro, relay)
 
 
 def initial_state(w: _Worker, outputs) -> tuple[Any, Any, contextlib.ExitStack]:
@@ -305,13 +325,25 @@ def build_training(w: _Worker, outputs) -> _Training:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (runs on every worker): set up, restore, then run the steps."""
+    import ray.train
+
     from pali.train.outputs import RunOutputs
 
     w = setup_worker(config)
+    if w.idle:  # left over after the whole replicas: mirror rank 0's reports (they are collective) until done
+        w.relay.follow(ray.train.report)
+        return
     outputs = RunOutputs(w.cfg.output_dir, w.rank)
+    if w.rank == 0 and w.relay is not None:
+        group, mp = ray.train.get_context().get_world_size(), w.cfg.tp * w.cfg.pp
+        log_event(outputs.local / "events.log", f"[pali] {group} workers is not a multiple of tp*pp = {mp}: "
+                  f"{w.grid.dp} replicas train on ranks 0-{w.world - 1}, ranks {w.world}-{group - 1} stay idle "
+                  "until the group is resized")
     t = build_training(w, outputs)
     stream, feeder = build_feeder(config, w.cfg, w.mcfg, w.grid, w.world, w.per_rank, t.start_step, t.data_state)
     run_steps(w, t, stream, feeder, outputs)
+    if w.relay is not None:
+        w.relay.finish()
     outputs.close()
     w.grid.destroy()
 
@@ -375,7 +407,7 @@ def run_steps(w: _Worker, t: _Training, stream, feeder, outputs) -> None:
             if stream is not None:
                 stream.compact()
             save_and_report(step + 1, float(res.loss), t.data_state, engine, t.opt, t.named, w.grid, w.world,
-                            rank, cfg, w.mcfg, w.config["tokenizer_bytes"])
+                            rank, cfg, w.mcfg, w.config["tokenizer_bytes"], w.relay)
             outputs.sync()
     if bar is not None:
         bar.close()

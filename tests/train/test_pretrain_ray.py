@@ -85,7 +85,8 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, train_shards, t
     assert read_meta(latest_complete(run_dir(cfg)))["step"] == 6
 
 
-def test_checkpoint_reshards_from_tp2_dp2_to_tp1(ray_cluster, train_shards, tmp_path):
+def test_checkpoint_reshards_from_tp2_dp2_to_tp1_then_to_a_group_with_an_idle_rank(ray_cluster, train_shards,
+                                                                                 tmp_path):
     # FSDP2 over the DP group on both sides: its sharded optimizer state is gathered and re-sharded too.
     cfg = _cfg(train_shards, tmp_path / "run", steps=2, tp=2, workers=4, cpus_per_worker=0.5, name="reshard",
                dp_mode="fsdp")
@@ -106,6 +107,26 @@ def test_checkpoint_reshards_from_tp2_dp2_to_tp1(ray_cluster, train_shards, tmp_
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+    # A restart at a size that is not a multiple of tp*pp: elastic [2, 3] with TP=2 starts 3 workers (they
+    # fit), one replica trains on ranks 0-1 and rank 2 stays idle (it mirrors the reports, which are
+    # collective). Two more steps with lr 0 leave the weights exactly as loaded.
+    cfg3 = _cfg(train_shards, tmp_path / "run", steps=5, tp=2, min_workers=2, max_workers=3, cpus_per_worker=0.5,
+                lr=0.0, name="reshard", dp_mode="fsdp")
+    result3, _, _ = fit(cfg3)
+    assert result3.error is None and result3.metrics["step"] == 5
+    assert "3 workers is not a multiple of tp*pp = 2: 1 replicas train on ranks 0-1, ranks 2-2 stay idle" \
+        in (tmp_path / "run" / "events.log").read_text()
+    third = latest_complete(run_dir(cfg3))
+    meta = read_meta(third)
+    assert meta["layout"] == {"dp": 1, "pp": 1, "tp": 2} and meta["world_size"] == 2 and meta["step"] == 5
+    assert sorted(p.name for p in third.glob("rank-*.safetensors")) == ["rank-00000.safetensors",
+                                                                          "rank-00001.safetensors"]
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["step"], r["dp"], r["global_batch"]) for r in recs[-2:]] == [(4, 1, 8), (5, 1, 8)]
+    c = load_file(str(consolidate(third, tmp_path / "idle", tok) / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=0, atol=0, msg=k)
 
 
 def test_interrupted_run_trains_exactly_the_uninterrupted_runs_weights(ray_cluster, train_shards, tmp_path, capsys,

@@ -199,10 +199,14 @@ def test_elastic_ranges_that_cannot_keep_the_global_batch_are_refused_naming_the
     with pytest.raises(ValueError, match=r"global batch 32 .* world sizes \[3\]"):
         TrainConfig(global_batch=32, workers=3).validate()
     TrainConfig(global_batch=24, min_workers=1, max_workers=4).validate()  # 24 splits over 1, 2, 3 and 4
-    with pytest.raises(ValueError, match=r"global batch 30 .* world sizes \[8\] in \[4, 8\]"):
-        TrainConfig(tp=2, global_batch=30, min_workers=4, max_workers=8).validate()  # dp 2 ok, dp 4 not
-    with pytest.raises(ValueError, match=r"\[3, 4\] must start and end at multiples of tp\*pp = 2"):
-        TrainConfig(tp=2, min_workers=3, max_workers=4).validate()
+    with pytest.raises(ValueError, match=r"global batch 30 .* world sizes \[8\] in \[4, 9\]"):
+        TrainConfig(tp=2, global_batch=30, min_workers=4, max_workers=9).validate()  # dp 2 ok, dp 4 (8, 9) not
+    # Sizes between multiples of tp*pp train their whole replicas (the rest idle): [3, 5] means dp 1 or 2.
+    TrainConfig(tp=2, min_workers=3, max_workers=5).validate()
+    with pytest.raises(ValueError, match=r"global batch 9 .* world sizes \[4\] in \[3, 5\]"):
+        TrainConfig(tp=2, global_batch=9, min_workers=3, max_workers=5).validate()
+    with pytest.raises(ValueError, match=r"starts below tp\*pp = 4: no whole model replica fits in 3"):
+        TrainConfig(tp=2, pp=2, min_workers=3, max_workers=8).validate()
     TrainConfig(tp=2, min_workers=4, max_workers=4).validate()
     assert TrainConfig(min_workers=2).worker_range() == (2, 2) and TrainConfig(max_workers=3).worker_range() == (1, 3)
 
