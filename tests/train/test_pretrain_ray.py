@@ -74,17 +74,6 @@ def _kill_a_worker_at(monkeypatch, step: int) -> None:
     monkeypatch.setenv("PALI_FAULT_STEP", str(step))
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, train_shards, tmp_path, monkeypatch):
-    cfg = _cfg(train_shards, tmp_path / "run", steps=6, name="faulty")
-    _kill_a_worker_at(monkeypatch, 3)
-    result, _, _ = fit(cfg)
-    assert (tmp_path / "run" / ".injected_failure").exists(), "the failure was not injected"
-    assert result.error is None and result.metrics["step"] == 6
-    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    assert read_meta(latest_complete(run_dir(cfg)))["step"] == 6
-
-
 def test_checkpoint_reshards_from_tp2_dp2_to_tp1_then_to_a_group_with_an_idle_rank(ray_cluster, train_shards,
                                                                                  tmp_path):
     # FSDP2 over the DP group on both sides: its sharded optimizer state is gathered and re-sharded too.
@@ -131,8 +120,8 @@ def test_checkpoint_reshards_from_tp2_dp2_to_tp1_then_to_a_group_with_an_idle_ra
 
 def test_interrupted_run_trains_exactly_the_uninterrupted_runs_weights(ray_cluster, train_shards, tmp_path, capsys,
                                                                        monkeypatch):
-    """One replica, fp32 on CPU: a run continued with a larger --steps, killed mid-way and finally resumed
-    past a truncated checkpoint ends with the uninterrupted run's weights bit for bit (the data order,
+    """One replica, fp32 on CPU: a run killed mid-way, resumed, then continued with a larger --steps past a
+    truncated checkpoint ends with the uninterrupted run's weights bit for bit (the data order,
     the optimizer, the schedule and the RNG all continue exactly). 20 steps of 8 examples cross the
     64-row shards twice."""
     common = dict(workers=1, checkpoint_every=3, keep_checkpoints=2)
@@ -141,11 +130,9 @@ def test_interrupted_run_trains_exactly_the_uninterrupted_runs_weights(ray_clust
     assert whole.error is None and whole.metrics["step"] == 20
 
     out = tmp_path / "pieces"
-    for steps, fault in ((7, False), (14, True)):
-        if fault:
-            _kill_a_worker_at(monkeypatch, 10)
-        res, _, _ = fit(_cfg(train_shards, out, steps=steps, name="pieces", **common))
-        assert res.error is None and res.metrics["step"] == steps
+    _kill_a_worker_at(monkeypatch, 10)
+    res, _, _ = fit(_cfg(train_shards, out, steps=14, name="pieces", **common))
+    assert res.error is None and res.metrics["step"] == 14
     monkeypatch.delenv("PALI_STEP_HOOKS")
     assert (out / ".injected_failure").exists(), "the failure was not injected"
     latest = latest_complete(run_dir(_cfg(train_shards, out, name="pieces")))
