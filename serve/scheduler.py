@@ -34,7 +34,7 @@ import torch
 from pali.data.pipeline import normalize_images, resize_rgb
 from pali.models import naflex
 from pali.models.generate import filter_logits
-from pali.models.slot_cache import SlotCache, bucket_for
+from pali.models.slot_cache import SlotCache, all_buckets, bucket_for
 from serve.engine import DecodeParams, Item, LoadedModel, Result, decode_items
 from serve.features import FeatureCache
 from serve.preprocess import InputError, decode_image
@@ -130,6 +130,8 @@ class Scheduler:
         self.features = features
         self.num_visual = model.cfg.vision.num_tokens
         self.cache = SlotCache(model, rows, max_len, self.num_visual + entry.max_text_len)
+        if self.cache.k.device.type == "cuda":  # one CUDA graph per bucket, replayed at each step (CPU: eager)
+            self.cache.capture(all_buckets(rows))
         self.dtype = next(model.parameters()).dtype
         self.cfg = model.cfg.text
         self.last = torch.full((rows,), self.cfg.decoder_start_token_id, dtype=torch.long, device=entry.device)

@@ -5,13 +5,24 @@ self-attention keeps a KV cache so every step feeds only the newest token. Beam 
 semantics of Hugging Face `generate` (top 2K continuations, finished hypotheses scored with
 sum_logprobs / length**length_penalty, its default early-stop heuristic) so outputs match on imported
 weights.
+
+Greedy and sampled decoding also run on a static-shape path (`generate_static`, `generate(static=...)`):
+the decoder state lives in a preallocated `SlotCache` and every step has the same shapes, so on CUDA one
+step is captured as a CUDA graph and replayed (no per-kernel launches from Python). Its tokens equal the
+growing-cache path's (tested on CPU, greedy and seeded sampling).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
+from pali.models.slot_cache import SlotCache
 from pali.models.t5 import padding_bias, real_length
 
 NEG = -1.0e9
@@ -106,12 +117,64 @@ def generate(model, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, num_beams: int = 1,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              length_penalty: float = 1.0, use_cache: bool = True, generator: torch.Generator | None = None,
-             image_mask: torch.Tensor | None = None) -> torch.Tensor:
+             image_mask: torch.Tensor | None = None, static: bool | None = None) -> torch.Tensor:
     """Generated target ids int[B, T] (decoder start excluded), pad after EOS, T <= max_new_tokens.
 
     pixel_values: float[B, 3, H, W] or None (text only); input_ids / attention_mask: int[B, S].
+    static: greedy / sampled decoding on the static-shape path (`generate_static`, a CUDA graph per step on
+    CUDA); None (the default) takes it on CUDA when num_beams == 1 and use_cache, the growing cache on CPU
+    (where the two measure alike: docs/performance.md). Beam search always uses the growing cache.
     """
     _check_args(max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, do_sample)
+    if static is None:
+        static = num_beams == 1 and use_cache and _device(model).type == "cuda"
+    elif static and (num_beams > 1 or not use_cache):
+        raise ValueError(f"static=True decodes greedily or by sampling with a cache; got num_beams={num_beams}, "
+                         f"use_cache={use_cache} (pass static=False)")
+    if static:
+        def decode(enc, enc_mask):
+            return _static_decode(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                  generator, None)
+    elif num_beams == 1:
+        def decode(enc, enc_mask):
+            return _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                     use_cache, generator)
+    else:
+        def decode(enc, enc_mask):
+            return _beam_search(model, enc, enc_mask, max_new_tokens, num_beams, length_penalty, use_cache)
+    return _encode_and_decode(model, pixel_values, input_ids, attention_mask, image_mask, decode)
+
+
+def generate_static(model, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    generator: torch.Generator | None = None, image_mask: torch.Tensor | None = None,
+                    cuda_graphs: bool | None = None) -> torch.Tensor:
+    """Greedy or sampled decoding with static shapes: what `generate` returns for the same arguments.
+
+    The encoder output of the B rows goes into a `SlotCache` of R = next power of two >= B rows,
+    max_new_tokens positions and the prompt's length rounded up to `SRC_MULTIPLE`, kept on the model and
+    reused by later calls of the same shape. Every step is `SlotCache.step` at bucket R;
+    finished rows keep stepping (their tokens are discarded) so shapes never change. The tokens equal the
+    growing-cache path's: the extra key positions are masked to exactly zero weight, and sampling draws
+    from the generator for the unfinished rows only, in order, as that path does.
+    cuda_graphs: replay the step as a CUDA graph captured on the first call of a shape (`SlotCache.capture`);
+    None = on a CUDA device. On CPU the same loop runs the step eagerly.
+    """
+    _check_args(max_new_tokens, 1, temperature, top_k, top_p, 1.0, do_sample)
+
+    def decode(enc, enc_mask):
+        return _static_decode(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                              generator, cuda_graphs)
+    return _encode_and_decode(model, pixel_values, input_ids, attention_mask, image_mask, decode)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _encode_and_decode(model, pixel_values, input_ids, attention_mask, image_mask, decode) -> torch.Tensor:
+    """Encode in eval mode and inference mode, then `decode(enc, enc_mask)`; the caller's mode is restored."""
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == input_ids.shape:
         # Prompts padded to a fixed length (the data pipeline's batches): the all-padding tail columns would
         # only add masked keys to the encoder and to every decoding step's cross-attention.
@@ -124,14 +187,113 @@ def generate(model, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
         # decoding step. The result is cloned outside it so callers get an ordinary tensor.
         with torch.inference_mode():
             enc, enc_mask = model.encode(pixel_values, input_ids, attention_mask, image_mask)
-            if num_beams == 1:
-                out = _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k,
-                                        top_p, use_cache, generator)
-            else:
-                out = _beam_search(model, enc, enc_mask, max_new_tokens, num_beams, length_penalty, use_cache)
+            out = decode(enc, enc_mask)
         return out.clone()
     finally:
         model.train(was_training)
+
+
+SRC_MULTIPLE = 32
+"""`generate_static` sizes a cache's encoder positions to a multiple of this, so batches whose prompts differ
+by a few tokens reuse one cache (and its CUDA graph); masked positions add exactly zero attention weight."""
+
+MAX_STATIC_CACHES = 4
+"""Most cache shapes `generate_static` keeps per model (least recently used dropped first)."""
+
+
+class _StaticCaches(OrderedDict):
+    """A model's `SlotCache`s by shape, and the lock of the decode using them. Neither copied nor pickled
+    with the model: a deep copy gets an empty one (CUDA graphs cannot be copied; the copy's weights differ)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo) -> _StaticCaches:
+        return _StaticCaches()
+
+    def __reduce__(self):
+        return _StaticCaches, ()
+
+    def take(self, model, rows: int, max_len: int, max_src: int) -> SlotCache:
+        """The cache of this shape, built on first use (the caller holds `lock`).
+
+        Keyed by shape, device, dtype and the weights' storage addresses: a captured CUDA graph reads the
+        weights where they were at capture, so moving or re-creating the parameters (`.to`,
+        `load_state_dict(assign=True)`) makes a new cache, while an in-place `load_state_dict` keeps it.
+        """
+        params = list(model.parameters())
+        key = (rows, max_len, max_src, params[0].device, params[0].dtype, tuple(p.data_ptr() for p in params))
+        cache = self.get(key)
+        if cache is None:
+            for k in [k for k in self if k[:3] == key[:3]]:  # same shape, old weights: invalid graphs
+                del self[k]
+            while len(self) >= MAX_STATIC_CACHES:
+                self.popitem(last=False)
+            cache = self[key] = SlotCache(model, rows, max_len, max_src)
+        self.move_to_end(key)
+        return cache
+
+
+@contextlib.contextmanager
+def _slot_cache(model, rows: int, max_len: int, max_src: int) -> Iterator[tuple[SlotCache, bool]]:
+    """(cache, kept): the model's kept `SlotCache` of this shape while this decode holds it, or a private
+    one (not kept, never captured) when another thread is decoding with the model's caches (`serve` may
+    run two batches at once)."""
+    caches = model.__dict__.get("_static_caches")
+    if caches is None:
+        caches = model._static_caches = _StaticCaches()
+    if not caches.lock.acquire(blocking=False):
+        yield SlotCache(model, rows, max_len, max_src), False
+        return
+    try:
+        yield caches.take(model, rows, max_len, max_src), True
+    finally:
+        caches.lock.release()
+
+
+def _static_decode(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
+                   cuda_graphs) -> torch.Tensor:
+    """`generate_static` over an encoded batch: enc float[B, S, D], enc_mask int[B, S]."""
+    (b, s), dev = enc_mask.shape, enc.device
+    rows = 1 << (b - 1).bit_length()  # the bucket: a power of two, so batch sizes share graphs
+    if cuda_graphs is None:
+        cuda_graphs = dev.type == "cuda"
+    with _slot_cache(model, rows, max_new_tokens, -(-s // SRC_MULTIPLE) * SRC_MULTIPLE) as (cache, kept):
+        cache.reset()
+        cache.prefill(list(range(b)), enc, enc_mask)
+        if cuda_graphs and kept and rows not in cache.graphs:
+            cache.capture([rows])
+        return _static_loop(cache, b, max_new_tokens, do_sample, temperature, top_k, top_p, generator)
+
+
+def _static_loop(cache: SlotCache, b: int, max_new_tokens, do_sample, temperature, top_k, top_p,
+                 generator) -> torch.Tensor:
+    """Decode rows 0..b-1 of a prefilled `cache` with steps at bucket `cache.rows`."""
+    cfg = cache.model.cfg.text
+    dev, rows = cache.pos.device, cache.rows
+    tokens = torch.full((rows,), cfg.decoder_start_token_id, dtype=torch.long, device=dev)
+    out = torch.full((b, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    steps = 0
+    for t in range(max_new_tokens):
+        logits = cache.step(tokens, rows)[:b]  # (B, V); rows B..R-1 are idle
+        if do_sample:
+            # The generator draws for the unfinished rows only, in order: the same draws as `_sample_or_greedy`,
+            # whose batch loses its finished rows.
+            live = (~done).nonzero().squeeze(1)
+            probs = filter_logits(logits.index_select(0, live), temperature, top_k, top_p).softmax(-1)
+            nxt = torch.full((b,), cfg.pad_token_id, dtype=torch.long, device=dev)
+            nxt.index_copy_(0, live, torch.multinomial(probs, 1, generator=generator).squeeze(1))
+        else:
+            nxt = logits.argmax(-1).masked_fill_(done, cfg.pad_token_id)
+        out[:, t] = nxt
+        steps = t + 1
+        done |= nxt == cfg.eos_token_id
+        if bool(done.all()):
+            break
+        tokens[:b] = nxt
+    return out[:, :steps]
 
 
 def _sample_or_greedy(model, enc, enc_mask, max_new_tokens, do_sample, temperature, top_k, top_p,

@@ -11,7 +11,10 @@ while decoding, so the memory of a replica's cache is fixed when it starts.
 slot so live rows stay packed at the front). Every tensor it reads or writes has a shape fixed by `bucket`
 and nothing in it branches on data: per-row positions are a tensor (`pos`), new keys/values are scattered
 at `pos` with `index_put_`, future and foreign positions are masked through the bias, and idle rows compute
-garbage that is never read. One CUDA graph per bucket can therefore capture it (see docs/serving.md).
+garbage that is never read. `capture(buckets)` therefore records it once per bucket as a CUDA graph; `step`
+then replays the graph (static input and output buffers) instead of launching ~10 kernels per block from
+Python. The replayed kernels are those the eager step runs: on CPU, and at buckets not captured, `step` runs
+eagerly, and that is the path the CPU tests check.
 
 Model code is used as it is (the blocks' own projections, norms and feed-forward); the math is
 `pali.models.generate.DecodeState.step` with L keys per row instead of t + 1, the masked ones adding
@@ -19,6 +22,8 @@ exactly zero attention weight.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,11 @@ def bucket_for(n: int, rows: int) -> int:
     while b < n:
         b *= 2
     return min(b, rows)
+
+
+def all_buckets(rows: int) -> list[int]:
+    """Every bucket `bucket_for` returns for a cache of `rows` slots, ascending (1, 2, 4, ..., rows)."""
+    return sorted({bucket_for(n, rows) for n in range(1, rows + 1)})
 
 
 class SlotCache:
@@ -58,6 +68,9 @@ class SlotCache:
         # (H, L, L): relative position bias + causal mask of query position i over key positions 0..L-1
         self.bias_table = dec.self_bias(max_len, 0, max_len, dev, dt)[0]
         self.arange = torch.arange(rows, device=dev)
+        # bucket -> (static tokens int[bucket], static logits float[bucket, V], torch.cuda.CUDAGraph)
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor, object]] = {}
+        self._pool = None  # the captured graphs' shared memory pool (one step runs at a time)
 
     @property
     def nbytes(self) -> int:
@@ -87,12 +100,62 @@ class SlotCache:
         self.live[slot] = 0
         self.pos[slot] = 0
 
+    def reset(self) -> None:
+        """Release every slot (a new batch starts: `generate_static` reuses one cache across calls)."""
+        self.live.zero_()
+        self.pos.zero_()
+
+    @torch.inference_mode()
+    def capture(self, buckets: Iterable[int]) -> None:
+        """Record `step` at each bucket as a CUDA graph (the cache must be on a CUDA device).
+
+        Warm-up steps run on a side stream first, as torch documents for graph capture; they write keys and
+        values only at each row's next position, which that row's next real step overwrites before reading
+        it, and `pos` is restored, so capture may happen while rows are decoding. The graphs share one
+        memory pool (captured largest first), which is safe because steps never run concurrently; errors
+        are checked on this thread only, so other models' decode threads may keep running meanwhile.
+        """
+        dev = self.k.device
+        if dev.type != "cuda":
+            raise ValueError(f"CUDA graphs need the cache on a CUDA device; it is on {dev}")
+        todo = sorted(set(buckets) - set(self.graphs), reverse=True)
+        bad = [b for b in todo if not 1 <= b <= self.rows]
+        if bad:
+            raise ValueError(f"buckets {bad} out of range; expected 1..{self.rows} (the cache's rows)")
+        pos = self.pos.clone()
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        for b in todo:
+            tokens = torch.zeros(b, dtype=torch.long, device=dev)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(tokens, b)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.pos.copy_(pos)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                logits = self._step(tokens, b)
+            self.graphs[b] = (tokens, logits, graph)
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, bucket: int) -> torch.Tensor:
         """Feed int[bucket] newest tokens of rows 0..bucket-1; next-token logits float[bucket, V].
 
         Static shapes for a fixed `bucket`; the caller samples from the logits and never branches inside.
+        At a captured bucket (`capture`) the logits are the graph's output buffer, which the next step at
+        that bucket overwrites: read them before stepping again.
         """
+        captured = self.graphs.get(bucket)
+        if captured is None:
+            return self._step(tokens, bucket)
+        static_tokens, logits, graph = captured
+        static_tokens.copy_(tokens)
+        graph.replay()
+        return logits
+
+    def _step(self, tokens: torch.Tensor, bucket: int) -> torch.Tensor:
+        """`step`'s kernels (what a graph captures)."""
         text = self.model.text
         b = bucket
         pos = self.pos[:b]
