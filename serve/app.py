@@ -388,6 +388,18 @@ class PaLIServer:
             return kind, self._check_error(request, value)
         return kind, value
 
+    async def _start(self, request: Request, served: Served, ids: list[int], data: bytes, params: SamplingParams,
+                     stream: bool) -> tuple[GenRequest, AsyncIterator[tuple], tuple]:
+        """Submit a request to the decode loop and wait for its first event: (the request, its events, the first
+        (kind, value)); value is an error Response when the request failed before its first token."""
+        self._active += 1
+        try:
+            req, events = self._submit(served, ids, data, params, stream=stream)
+            it = self._events(served, req, events)
+            return req, it, await self._first(request, it)
+        finally:
+            self._active -= 1
+
     # --- endpoints --------------------------------------------------------------------------------------
     async def _model(self, name: str) -> Served:
         if name not in self.args.models:
@@ -423,20 +435,14 @@ class PaLIServer:
             if req.stream:
                 raise InputError("stream=true needs batching: iteration (this server runs whole_call)")
             return await self._generate_whole_call(request, served, ids, data, params, req, name)
-        sp = SamplingParams.of(params, req.seed)
-        self._active += 1
-        try:
-            greq, events = self._submit(served, ids, data, sp, stream=req.stream)
-            it = self._events(served, greq, events)
-            kind, value = await self._first(request, it)
-            if isinstance(value, Response):
-                return value
-            if req.stream:
-                return StreamingResponse(self._sse_generate(it, (kind, value), entry, req, name),
-                                         media_type="text/event-stream", headers={"cache-control": "no-cache"})
-            result = value
-        finally:
-            self._active -= 1
+        greq, it, (kind, value) = await self._start(request, served, ids, data, SamplingParams.of(params, req.seed),
+                                                    req.stream)
+        if isinstance(value, Response):
+            return value
+        if req.stream:
+            return StreamingResponse(self._sse_generate(it, (kind, value), entry, req, name),
+                                     media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        result = value
         del served, entry
         body = json.dumps({"text": result.text, "lang": req.lang, "model": name, "tokens": result.tokens},
                           ensure_ascii=False).encode()
@@ -522,18 +528,12 @@ class PaLIServer:
                               max_new_tokens_limit=self.args.max_new_tokens_limit, max_beams=1,
                               max_temperature=self.args.max_temperature)
         ids = encode_prompt(entry, prompt)
-        sp = SamplingParams.of(params, creq.seed)
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         visual = entry.model.cfg.vision.num_tokens
-        self._active += 1
-        try:
-            greq, events = self._submit(served, ids, data, sp, stream=creq.stream)
-            it = self._events(served, greq, events)
-            kind, value = await self._first(request, it)
-            if isinstance(value, Response):
-                return value
-        finally:
-            self._active -= 1
+        greq, it, (kind, value) = await self._start(request, served, ids, data, SamplingParams.of(params, creq.seed),
+                                                    creq.stream)
+        if isinstance(value, Response):
+            return value
 
         def usage(n: int) -> dict:
             return {"prompt_tokens": len(ids) + visual, "completion_tokens": n,
