@@ -338,36 +338,6 @@ class LazyShardedState(Mapping):
             return f.get_tensor("rng/torch") if "rng/torch" in f.keys() else None
 
 
-class LazyTensorFile(Mapping):
-    """One safetensors file (e.g. an init state from an import) as a read-on-access mapping name -> tensor.
-
-    For `build_engine(cfg, grid, LazyTensorFile(path))`: only the header is read up front.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"init state {self.path} does not exist; expected a .safetensors file")
-        with safe_open(str(self.path), framework="pt") as f:
-            self._keys = dict.fromkeys(f.keys())  # ordered, O(1) membership
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        """The tensor `name`, read from the file now."""
-        if name not in self._keys:
-            raise KeyError(f"{name!r} is not in {self.path} (it holds {len(self._keys)} tensors)")
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._keys
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
 def load_optim_for(ckpt_dir: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Merged optimizer state {name: {key: full}} of only `names`, read tensor by tensor.
 
