@@ -77,7 +77,11 @@ def init_ray(address: str | None, num_cpus: int, no_auth: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+    # Ray Data logs every stream's start, plan and end at INFO, and two warnings that do not apply here (the
+    # trainer turns progress bars off; the "may hang forever" budget notice fires before its tasks start):
+    # the console is the run's own progress; Ray Data's errors still show (RAY_DATA_LOG_LEVEL overrides).
+    data_level = os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # this driver's evaluation streams too
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", "RAY_DATA_LOG_LEVEL": data_level}}
     if address:
         ray.init(address=address, runtime_env=env)
     else:

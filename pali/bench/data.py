@@ -4,10 +4,11 @@ fraction of step time the workers wait for data when both run at once.
 The trainer gives each data-parallel replica its own deterministic share of the shards through its own
 Ray Data stream (`pali.train.data_order`); this suite measures those streams, not one shared pipeline.
 Reuses `pali/bench/data_pipeline.py` for the streams' throughput (all replicas together, consumer and
-producer side) and the consumption rate of the replicas' training steps; adds the wait fraction of a real
-data-parallel training group fed by them: one Ray task per replica (a training worker's resources) reads
-its replica's stream, runs the trainer's step and all-reduces the gradients over gloo as DDP does; the
-wait is the time blocked in `next(batch)` / total step time, first batch excluded as start-up.
+producer side) and the consumption rate of the replicas' training steps run alone; adds the consumption
+rate and wait fraction of a real data-parallel training group fed by the streams: one Ray task per
+replica (a training worker's resources) reads its replica's stream, runs the trainer's step and
+all-reduces the gradients over gloo as DDP does; the wait is the time blocked in `next(batch)` / total
+step time, first batch excluded as start-up.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ def _replica_worker(mcfg, dcfg, tok, shards: list[str], replicas: int, replica: 
 
     from pali.bench.data_pipeline import close_streams, replica_streams, step_fn
 
-    def all_reduce(params) -> None:  # DDP's gradient average (one call per tensor: the bucketing aside)
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(replicas)
+    def all_reduce(params) -> None:  # DDP's gradient average, in one bucket (the tiny model's ~5 MB fits DDP's 25)
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(replicas)
+        dist.all_reduce(flat)
+        for g, new in zip(grads, torch.split(flat, [g.numel() for g in grads]), strict=True):
+            g.copy_(new.view_as(g))
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=replica, world_size=replicas,
@@ -100,12 +102,18 @@ def _fed_training(mcfg, dcfg, tok, shards: list[str], cfg: DataBenchConfig) -> d
     worst = max(runs, key=lambda r: r["wait_frac"])
     total = max(r["wait_s"] + r["compute_s"] for r in runs)
     return {**worst, "fed_examples_per_s": cfg.train_steps * cfg.batch_size / total,
+            "group_consumption_examples_per_s": cfg.train_steps * cfg.batch_size / max(r["compute_s"] for r in runs),
             "replica_wait_fracs": [r["wait_frac"] for r in runs]}
 
 
 def run_data(cfg: DataBenchConfig) -> dict:
-    """The replicas' streams' examples/s and images/s (median of `repeats` passes), the replicas' training
-    consumption rate, their ratio, and the wait fraction of a training group fed by the streams."""
+    """The replicas' streams' examples/s and images/s (median of `repeats` passes), two consumption rates
+    and the streams' ratio to each, and the wait fraction of a training group fed by the streams.
+
+    `consumption_examples_per_s` (`ratio`): replicas x one process's step alone, the demand of a group whose
+    workers each have a core and no all-reduce cost; `group_consumption_examples_per_s` (`ratio_to_group`):
+    what the fed group's steps consumed (compute time, all-reduce included, beside the streams' tasks).
+    """
     import ray
 
     from pali.bench.data_pipeline import measure_streams, measure_training, trainer_data_config
@@ -140,6 +148,7 @@ def run_data(cfg: DataBenchConfig) -> dict:
             if started:
                 ray.shutdown()
     pipe = {k: median([p[k] for p in passes]) for k in passes[0]}
+    group = median([f["group_consumption_examples_per_s"] for f in fed])
     return {"preset": cfg.preset, "examples": cfg.examples, "batch_size": cfg.batch_size, "replicas": cfg.replicas,
             "per_rank": per_rank, "image_size": dcfg.image_size, "freeze_vision": cfg.freeze_vision,
             "pipeline_examples_per_s": pipe["examples_per_s"], "pipeline_images_per_s": pipe["images_per_s"],
@@ -148,6 +157,8 @@ def run_data(cfg: DataBenchConfig) -> dict:
             "producer_images_per_s": pipe["producer_images_per_s"],
             "consumption_examples_per_s": consume,
             "ratio": pipe["examples_per_s"] / consume if consume else None,
+            "group_consumption_examples_per_s": group,
+            "ratio_to_group": pipe["examples_per_s"] / group,
             "wait_frac": median([f["wait_frac"] for f in fed]),
             "fed_examples_per_s": median([f["fed_examples_per_s"] for f in fed]),
             "fed_first_batch_s": median([f["first_batch_s"] for f in fed]),
