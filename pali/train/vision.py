@@ -44,7 +44,7 @@ class LabelledImages:
     """Rows skipped because the image did not decode."""
 
 
-def load_labelled(shards: Sequence[str], image_size: int, max_examples: int) -> LabelledImages:
+def load_labelled(shards: Sequence[str], image_size: int, max_examples: int, opts=None) -> LabelledImages:
     """Up to `max_examples` rows with labels from `shards` (in order), images preprocessed as in training.
 
     Rows without labels are passed over; rows whose image does not decode are counted and skipped.
@@ -55,7 +55,7 @@ def load_labelled(shards: Sequence[str], image_size: int, max_examples: int) -> 
     images: list[np.ndarray] = []
     labels: list[list[str]] = []
     bad = 0
-    for row in iter_rows(shards):  # lazy: stops reading at the limit
+    for row in iter_rows(shards, opts):  # lazy: stops reading at the limit
         if not row.get(LABEL_FIELD):
             continue
         try:
@@ -124,6 +124,8 @@ class VisionStageConfig:
     """Labelled held-out images read from the evaluation shards."""
     seed: int = 0
     """Seed of the tower's init (the run's seed) and of the batch order."""
+    read: Any = None
+    """How to read the shards (`pali.data.schema.ReadOptions`: the run's column map and default language)."""
 
     def fingerprint(self, mcfg: PaLIConfig, shards: Sequence[str]) -> str:
         """Hash of everything the stage's result depends on (a cached result is reused only on a match)."""
@@ -143,11 +145,11 @@ def pretrain_vision(mcfg: PaLIConfig, shards: Sequence[str], eval_shards: Sequen
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    train = load_labelled(shards, mcfg.vision.image_size, scfg.max_examples)
+    train = load_labelled(shards, mcfg.vision.image_size, scfg.max_examples, scfg.read)
     if not train.labels:
         return None, {"skipped": f"no row of the {len(shards)} training shards has {LABEL_FIELD}"}
     vocab = sorted({lab for row in train.labels for lab in row})
-    held = load_labelled(eval_shards, mcfg.vision.image_size, scfg.eval_examples) if eval_shards else None
+    held = load_labelled(eval_shards, mcfg.vision.image_size, scfg.eval_examples, scfg.read) if eval_shards else None
     y = multi_hot(train.labels, vocab)
     dev = torch.device(device)
     tower = build_tower(mcfg, scfg.seed).to(dev)

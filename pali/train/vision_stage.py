@@ -24,9 +24,11 @@ def vision_stage(cfg: TrainConfig, mcfg: PaLIConfig, shards: list[str], threads:
     import ray
 
     from pali.data.pipeline import list_shards
+    from pali.data.schema import ReadOptions
     from pali.train.vision import VisionStageConfig
 
-    scfg = VisionStageConfig(steps=cfg.vision_pretrain_steps, seed=cfg.seed)
+    scfg = VisionStageConfig(steps=cfg.vision_pretrain_steps, seed=cfg.seed,
+                             read=ReadOptions.make(cfg.column_map, cfg.default_lang))
     try:
         eval_shards = list_shards(cfg.eval_data)
     except (FileNotFoundError, ValueError):

@@ -90,3 +90,22 @@ def test_shards_without_labels_skip_the_stage_and_bad_images_are_counted(tmp_pat
     assert got.malformed == 1 and len(got.labels) == 5 and got.pixels.shape == (5, 3, 48, 48)
     first = load_labelled([mixed, mixed], 48, max_examples=3)  # stops reading at the limit
     assert first.labels == got.labels[:3] and first.pixels.shape == (3, 3, 48, 48)
+
+
+def test_labels_under_another_column_name_are_read_through_the_column_map(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pali.data.schema import ReadOptions
+
+    rows = [make_example(i, seed=0, image_size=48) for i in range(4)]
+    path = write_shard(rows, str(tmp_path / "ours.parquet"), "parquet")
+    table = pq.read_table(path)
+    pq.write_table(table.rename_columns(["tags" if c == "image_labels" else c for c in table.column_names]),
+                   str(tmp_path / "theirs.parquet"))
+    theirs = [str(tmp_path / "theirs.parquet")]
+    assert load_labelled(theirs, 48, max_examples=10).labels == []
+    got = load_labelled(theirs, 48, 10, ReadOptions.make("image_labels=tags"))
+    assert got.labels == [list(r["image_labels"]) for r in rows]
+    cfg = VisionStageConfig(steps=2, read=ReadOptions.make("image_labels=tags"))
+    assert cfg.fingerprint(get_preset("tiny"), theirs) != VisionStageConfig(steps=2).fingerprint(get_preset("tiny"),
+                                                                                                theirs)
