@@ -103,15 +103,34 @@ def _md_profile(pr: dict) -> list[str]:
     return lines
 
 
-def _md_decode(d: dict) -> list[str]:
-    """The greedy KV-cache decode table, one row per batch size."""
-    lines = [f"decode ({d['preset']}, greedy, KV cache; cache = no-cache on "
-             f"{100 * d['cache_agreement']:.1f} % of tiny-preset tokens)", "",
-             "| batch | seconds | new tokens | tokens/s | ms/step |", "|---|---|---|---|---|"]
-    lines += [f"| {r['batch_size']} | {r['seconds']:.3f} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | "
-              f"{r['ms_per_step']:.1f} |" for r in d["rows"]]
+def _md_decode(d: dict, graph: bool = False) -> list[str]:
+    """A greedy decode table, one row per batch size: today's growing KV cache (`decode`), or the static-shape
+    path with its tokens checked against it (`decode_graph`, graph=True)."""
+    if graph:
+        how = "CUDA graphs" if d.get("cuda_graphs") else "eager"
+        head = f"decode, static shapes ({d['preset']}, greedy, `generate_static`, {how})"
+    else:
+        head = (f"decode ({d['preset']}, greedy, KV cache; cache = no-cache on "
+                f"{100 * d['cache_agreement']:.1f} % of tiny-preset tokens)")
+    extra = " tokens = today's |" if graph else ""
+    lines = [head, "", "| batch | seconds | new tokens | tokens/s | ms/step |" + extra,
+             "|---|---|---|---|---|" + ("---|" if graph else "")]
+    for r in d["rows"]:
+        same = (f" {'yes' if r['tokens_equal'] else 'NO'} ({100 * r['token_agreement']:.1f} %) |"
+                if graph else "")
+        lines.append(f"| {r['batch_size']} | {r['seconds']:.3f} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | "
+                     f"{r['ms_per_step']:.1f} |" + same)
     lines.append("")
     return lines
+
+
+def _md_static_decode(r: dict) -> list[str]:
+    """The static-shape vs growing-cache decoding ratio (`static_decode`)."""
+    how = "CUDA graphs" if r["cuda_graphs"] else "eager"
+    return [f"static-shape decoding ({how}) vs today's growing cache: {r['preset']}, batch {r['batch_size']}, "
+            f"{r['steps']} greedy steps, {r['call_s']['today']:.3f} s vs {r['call_s']['static']:.3f} s per call "
+            f"(median of {r['repeats']}, alternating): {r['speedup']:.2f}x; tokens equal: "
+            f"{'yes' if r['tokens_equal'] else 'NO'}", ""]
 
 
 def _md_ray(ray: dict) -> list[str]:
@@ -178,8 +197,13 @@ def to_markdown(res: dict, title: str | None = None) -> str:
     d = res.get("decode", {})
     if d.get("rows"):
         lines += _md_decode(d)
-    if res.get("decode_graph", {}).get("note"):
-        lines += [f"graph-captured decoding: {res['decode_graph']['note']}", ""]
+    g = res.get("decode_graph", {})
+    if g.get("rows"):
+        lines += _md_decode(g, graph=True)
+    elif g.get("note"):  # records from before generate_static
+        lines += [f"graph-captured decoding: {g['note']}", ""]
+    if "speedup" in res.get("static_decode", {}):
+        lines += _md_static_decode(res["static_decode"])
     lines += _md_ratios(res)
     ray = res.get("ray")
     if ray:  # recorded from pali/bench/gpu_ray_check.py (the same GPU path through Ray Train and Serve)

@@ -123,7 +123,8 @@ def generate(model, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
     pixel_values: float[B, 3, H, W] or None (text only); input_ids / attention_mask: int[B, S].
     static: greedy / sampled decoding on the static-shape path (`generate_static`, a CUDA graph per step on
     CUDA); None (the default) takes it on CUDA when num_beams == 1 and use_cache, the growing cache on CPU
-    (where the two measure alike: docs/performance.md). Beam search always uses the growing cache.
+    (where the static path measures no faster, and finished rows cost it steps: docs/performance.md). Beam
+    search always uses the growing cache.
     """
     _check_args(max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, do_sample)
     if static is None:
@@ -153,9 +154,9 @@ def generate_static(model, pixel_values: torch.Tensor | None, input_ids: torch.T
     """Greedy or sampled decoding with static shapes: what `generate` returns for the same arguments.
 
     The encoder output of the B rows goes into a `SlotCache` of R = next power of two >= B rows,
-    max_new_tokens positions and the prompt's length rounded up to `SRC_MULTIPLE`, kept on the model and
-    reused by later calls of the same shape. Every step is `SlotCache.step` at bucket R;
-    finished rows keep stepping (their tokens are discarded) so shapes never change. The tokens equal the
+    max_new_tokens positions and the encoder length (visual tokens + prompt) rounded up to `SRC_MULTIPLE`,
+    kept on the model and reused by later calls of the same shape. Every step is `SlotCache.step` at bucket
+    R; finished rows keep stepping (their tokens are discarded) so shapes never change. The tokens equal the
     growing-cache path's: the extra key positions are masked to exactly zero weight, and sampling draws
     from the generator for the unfinished rows only, in order, as that path does.
     cuda_graphs: replay the step as a CUDA graph captured on the first call of a shape (`SlotCache.capture`);

@@ -63,20 +63,25 @@ class Engine:
                  module: nn.Module, dp_mode: str, schedule: str, num_microbatches: int,
                  device: torch.device, autocast_dtype: torch.dtype | None, compiled: bool = False,
                  trim: bool = False, chunked_loss: bool = False, attention: str = "sdpa",
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, frozen_fp32: dict[str, torch.Tensor] | None = None):
         self.cfg, self.grid, self.model, self.specs = cfg, grid, model, specs
         self.compiled = compiled  # the stage runs through torch.compile (`compile_stage`)
         self.trim = trim  # cut each batch's all-padding tail columns (`trim_padding`)
         self.chunked_loss = chunked_loss  # head + loss in row chunks (`ChunkedLossStage`)
         self.attention = attention  # T5 attention backend ("sdpa" or "flex")
         self.activation_checkpointing = activation_checkpointing
+        # The frozen tower's float32 weights (CPU) when the model holds it in bf16 (`build_engine`'s
+        # frozen_dtype): what `local_state_dict` returns for it, so checkpoints keep the exact fp32 tower.
+        self.frozen_fp32 = frozen_fp32 or {}
         self.module = module  # the stage module, wrapped by DDP / FSDP when dp > 1
         self.dp_mode, self.schedule_name = dp_mode, schedule
         self.num_microbatches, self.device, self.autocast_dtype = num_microbatches, device, autocast_dtype
         self.loss_fn = (RowLoss if chunked_loss else TokenLoss)(cfg.text.pad_token_id, vocab_parallel=grid.tp > 1)
         self._schedules: dict[tuple, object] = {}
         self._shared = [n for n in SHARED_ACROSS_STAGES if n in specs] if grid.pp > 1 else []
-        self.param_dtype = next(model.parameters()).dtype
+        # the trained parameters' dtype (a frozen tower may be held in bf16)
+        self.param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad),
+                                next(model.parameters()).dtype)
         self.act_dtype = autocast_dtype or self.param_dtype
 
     # --- parameters -------------------------------------------------------------------------------
@@ -284,8 +289,10 @@ class Engine:
 
     # --- state ------------------------------------------------------------------------------------
     def local_state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's TP/PP shards as detached CPU tensors (FSDP shards are gathered over DP first)."""
-        return {k: _full(v).detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        """This rank's TP/PP shards as detached CPU tensors (FSDP shards are gathered over DP first); a frozen
+        tower held in bf16 is returned as the float32 weights it was built from (`frozen_fp32`)."""
+        return {k: self.frozen_fp32[k].clone() if k in self.frozen_fp32 else _full(v).detach().cpu().clone()
+                for k, v in self.model.state_dict().items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The consolidated `PaLI.state_dict()` on global rank 0 (None elsewhere). Collective: every rank calls.
@@ -465,7 +472,8 @@ def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Ten
                  seed: int = 0, dp_mode: str = "ddp", schedule: str = "1f1b", num_microbatches: int = 1,
                  device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
                  activation_checkpointing: bool = False, compile: bool | None = None, trim_padding: bool = True,
-                 chunked_loss: bool | None = None, attention: str | None = None) -> Engine:
+                 chunked_loss: bool | None = None, attention: str | None = None,
+                 frozen_dtype: torch.dtype | None = None) -> Engine:
     """This rank's Engine: meta build -> TP plan -> stage cut -> materialise this shard -> DP wrapper.
 
     full_state: `PaLI.state_dict()`-named full tensors to slice from (a checkpoint, an import), a dict or
@@ -482,6 +490,10 @@ def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Ten
     needs pp <= 2 (deeper stages pass the dense bias between them) and no attention dropout. None: flex on
     CUDA where it applies.
     The frozen vision tower (cfg.freeze_vision) runs under `torch.inference_mode` (no_grad under FSDP2).
+    frozen_dtype: hold the frozen tower's weights in this dtype (it has no gradients and no optimizer state,
+    so bf16 halves its memory and autocast stops casting its weights at every step); checkpoints still get
+    its float32 weights (`Engine.frozen_fp32`). Needs autocast in the same dtype and an unsharded tower (not
+    FSDP2 over dp > 1). None: bf16 on CUDA with bf16 autocast where it applies, float32 otherwise.
     """
     if dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"dp_mode={dp_mode!r}; expected 'ddp' or 'fsdp'")
@@ -510,10 +522,20 @@ def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Ten
     model.load_state_dict(materialise_shards(cfg, specs, full_state, seed, device, model.state_dict()),
                           strict=True, assign=True)
     set_attention_backend(model, attention)
+    frozen_fp32 = {}
     if cfg.freeze_vision and hasattr(model, "vision_tower"):
+        sharded = dp_mode == "fsdp" and grid.dp > 1
+        if frozen_dtype is None and cuda and autocast_dtype == torch.bfloat16 and not sharded:
+            frozen_dtype = torch.bfloat16
+        if frozen_dtype not in (None, torch.float32):
+            if sharded or autocast_dtype != frozen_dtype:
+                raise ValueError(f"frozen_dtype={frozen_dtype} needs autocast in that dtype and a tower FSDP2 does "
+                                 f"not shard; got autocast_dtype={autocast_dtype}, dp_mode={dp_mode!r}, dp={grid.dp}")
+            frozen_fp32 = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()
+                           if n.startswith("vision_tower.")}
+            model.vision_tower.to(frozen_dtype)
         model.vision_tower.requires_grad_(False)
-        model.vision_tower.forward = _frozen_tower_forward(model.vision_tower,
-                                                           inference=not (dp_mode == "fsdp" and grid.dp > 1))
+        model.vision_tower.forward = _frozen_tower_forward(model.vision_tower, inference=not sharded)
     if activation_checkpointing:
         _checkpoint_blocks(model)
     # shapes may change from batch to batch (per-block compile recompiles once shapes vary, then goes dynamic)
@@ -529,7 +551,7 @@ def build_engine(cfg: PaLIConfig, grid: Grid, full_state: Mapping[str, torch.Ten
         module = _wrap_dp(module, grid, dp_mode, device)
     return Engine(cfg, grid, model, specs, module, dp_mode, schedule, num_microbatches, device, autocast_dtype,
                   compiled=compile, trim=dynamic, chunked_loss=chunked_loss, attention=attention,
-                  activation_checkpointing=activation_checkpointing)
+                  activation_checkpointing=activation_checkpointing, frozen_fp32=frozen_fp32)
 
 
 def compile_stage(module: nn.Module, per_block: bool = False) -> None:

@@ -55,8 +55,9 @@ class Precisions:
 
     @classmethod
     def of(cls, precision: Precision) -> Precisions:
-        """amp: fp32 weights + bf16 autocast (what `--use-gpu` trains); bf16: bf16 weights and grads with
-        fp32 master weights in the optimizer; fp32: everything fp32 (CPU)."""
+        """amp: fp32 weights (a frozen tower's bf16: `rank_memory`) + bf16 autocast (what `--use-gpu`
+        trains); bf16: bf16 weights and grads with fp32 master weights in the optimizer; fp32: everything fp32
+        (CPU)."""
         if precision == "amp":
             return cls(4, 4, 8, 2)
         if precision == "bf16":
@@ -119,7 +120,9 @@ def rank_memory(cfg: PaLIConfig, tp: int, pp: int, dp: int, stage_index: int, ge
     shard_all = dp if dp_mode == "fsdp" else 1
     shard_opt = dp if dp_mode in ("fsdp", "zero1") else 1
     mem = RankMemory(stage=stage_index)
-    mem.params = pc.total * pr.param / shard_all
+    # Under amp the engine holds a frozen tower in bf16 unless FSDP2 shards it (`build_engine`'s frozen_dtype).
+    frozen = 2 if precision == "amp" and not (dp_mode == "fsdp" and dp > 1) else pr.param
+    mem.params = (pc.trainable * pr.param + pc.frozen * frozen) / shard_all
     mem.grads = pc.trainable * pr.grad / shard_all
     mem.optimizer = pc.trainable * pr.optim / shard_opt
     am = ActivationModel(pr.act, fused_attention)

@@ -239,7 +239,12 @@ def test_gpu_suite_runs_its_checks_on_cpu(tmp_path):
     assert ckpt["flops_per_example"] == plain["flops_per_example"]
     att = res["attention"]  # FlexAttention against the dense path, side by side, same loss
     assert att["loss_rel_diff"] < 1e-5 and att["speedup"] > 0 and set(att["step_s"]) == {"sdpa", "flex"}
-    assert res["decode_graph"]["unmeasured"] and "compile" not in res and "ray" not in res
+    assert "compile" not in res and "ray" not in res
+    graph = res["decode_graph"]  # static-shape decoding: the decode rows, tokens equal to today's decoding
+    assert graph["tokens_equal"] and [r["batch_size"] for r in graph["rows"]] == [1, 4]
+    assert all(r["ms_per_step"] > 0 for r in graph["rows"])
+    ratio = res["static_decode"]  # static vs today's decoding side by side: same tokens, a ratio
+    assert ratio["tokens_equal"] and ratio["speedup"] > 0 and set(ratio["call_s"]) == {"today", "static"}
     assert [t["measured"] for t in res["targets"]] == [None] * 5  # GPU targets: a CPU run measures none
     assert res["decode"]["cache_agreement"] == 1.0 and len(res["decode"]["rows"]) == 2
     prof = res["profile"]  # where a step's time goes, by kernel kind (CPU: self time of aten ops)
@@ -247,6 +252,7 @@ def test_gpu_suite_runs_its_checks_on_cpu(tmp_path):
     md = (tmp_path / "gpu.md").read_text()
     assert "| tiny |" in md and "| PaLI-3B MFU at the planner's batch | unmeasured |" in md
     assert "FlexAttention vs dense-bias SDPA" in md and res["environment"]["commit"] in md
+    assert "decode, static shapes (tiny" in md and "static-shape decoding (eager) vs today's" in md
 
 
 def test_committed_gpu_record_renders():
