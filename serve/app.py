@@ -434,6 +434,9 @@ class PaLIServer:
         if served.scheduler is None:
             if req.stream:
                 raise InputError("stream=true needs batching: iteration (this server runs whole_call)")
+            if req.seed is not None and params.temperature > 0:
+                raise InputError("seed needs batching: iteration (this server runs whole_call, whose batches "
+                                 "share one random stream)")
             return await self._generate_whole_call(request, served, ids, data, params, req, name)
         greq, it, (kind, value) = await self._start(request, served, ids, data, SamplingParams.of(params, req.seed),
                                                     req.stream)

@@ -175,3 +175,29 @@ def test_other_bad_requests(serve_url):
     assert r.status_code == 404 and "error" in r.json()
     # the replica is still healthy and answering after all of that
     assert post(serve_url, json={"image": b64(png_bytes(2)), "max_new_tokens": 3}).status_code == 200
+
+
+def test_whole_call_mode_batches_calls_and_refuses_what_only_iteration_batching_does(serve_url, checkpoints):
+    """`batching: whole_call` (kept for comparison): concurrent calls share batches and each gets its unbatched
+    answer; streaming and seeded sampling, which need the iteration engine, are a 400 naming it."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"models": {"tiny": checkpoints["tiny"]}, "batching": "whole_call", "num_replicas": 1,
+                         "max_batch_size": 8, "batch_wait_timeout_s": 0.2, "num_cpus": 0.5}),
+              name="whole", route_prefix="/whole")
+    try:
+        url = serve_url + "/whole"
+        reqs = [{"image": b64(png_bytes(300 + i)), "task": "caption", "lang": "en", "max_new_tokens": 5}
+                for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            resps = list(pool.map(lambda r: post(url, json=r, timeout=120), reqs))
+        assert all(r.status_code == 200 for r in resps), [r.text for r in resps if r.status_code != 200][:3]
+        assert max(int(r.headers["x-pali-batch-size"]) for r in resps) > 1
+        assert [r.json()["tokens"] for r in resps] == reference(checkpoints["tiny"], reqs)
+        for extra in ({"stream": True}, {"seed": 7, "temperature": 0.8}):
+            r = post(url, json={**reqs[0], **extra})
+            assert r.status_code == 400 and "batching: iteration" in r.json()["error"], r.text
+    finally:
+        serve.delete("whole")
