@@ -75,7 +75,7 @@ def worker_env(threads_per_worker: int) -> dict[str, str]:
 
 def fit(cfg: TrainConfig, threads_per_worker: int = 1):
     """Run (or resume) training on the current Ray cluster; returns (ray Result, model config, tokenizer)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pali.train.loop import train_loop_per_worker
@@ -115,6 +115,8 @@ def fit(cfg: TrainConfig, threads_per_worker: int = 1):
     run = RunConfig(name=cfg.name, storage_path=where, **fs_kw,
                     failure_config=FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                    # Ray Train's per-report INFO lines stay in its log files; the console shows the run's own.
+                    logging_config=LoggingConfig(log_level="WARNING"),
                     worker_runtime_env={"env_vars": worker_env(threads_per_worker)})
     loop_config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_bytes": tok.model_proto,
                    "init_state_path": init_state_path, "vision_weights": vision_ref,
