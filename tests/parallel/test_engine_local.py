@@ -18,17 +18,6 @@ def test_grid_needs_a_process_group():
         Grid.init()
 
 
-@pytest.fixture(scope="module")
-def world1(tmp_path_factory):
-    """A one-rank gloo process group in this process (torn down after the module)."""
-    if dist.is_initialized():
-        pytest.skip("a default process group already exists in this process")
-    store = tmp_path_factory.mktemp("store") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_grid_validates_degrees_by_name(world1):
     with pytest.raises(ValueError, match=r"dp\*pp\*tp = 2\*1\*1 = 2 but the world size is 1"):
         Grid.init(dp=2, pp=1, tp=1)

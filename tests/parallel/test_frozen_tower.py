@@ -6,24 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pali.parallel import Grid, build_engine
 from pali.sizing.measure import state_bytes
 from pali.sizing.memory import Geometry
 from pali.sizing.planner import rank_memory
 from tests.parallel.harness import global_batch
-
-
-@pytest.fixture(scope="module")
-def world1(tmp_path_factory):
-    """A one-rank gloo process group in this process (torn down after the module)."""
-    if dist.is_initialized():
-        pytest.skip("a default process group already exists in this process")
-    store = tmp_path_factory.mktemp("store") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_bf16_frozen_tower_trains_and_saves_float32(world1, tiny_config):
