@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from pali.config import PaLIConfig, TextConfig, VisionConfig, vit
 from pali.factory import create_model
 from pali.models.pali import PaLI
 from pali.serving_checkpoint import load_state
+from pali.storage import ReadOnAccess
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _SIGLIP_TYPES = ("siglip_vision_model", "siglip")
@@ -51,7 +52,7 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-class LazyWeights(Mapping):
+class LazyWeights(ReadOnAccess):
     """The tensors of safetensors files as a read-only mapping that reads a tensor only when it is indexed.
 
     Keys come from the shard index (or the single file's header); `reads` counts the tensors read.
@@ -70,19 +71,14 @@ class LazyWeights(Mapping):
                 files.update(dict.fromkeys(h.keys(), f))
         return cls(files)
 
+    @property
+    def names(self) -> Collection[str]:
+        return self.files
+
     def __getitem__(self, key: str) -> torch.Tensor:
         with safe_open(str(self.files[key]), framework="pt") as h:
             self.reads += 1
             return h.get_tensor(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.files  # Mapping's default would read the tensor
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
 
 
 def load_weights(model_dir: str | os.PathLike) -> Mapping[str, torch.Tensor]:

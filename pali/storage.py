@@ -20,7 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -152,7 +152,26 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class TensorFile(Mapping):
+class ReadOnAccess(Mapping):
+    """Base of the read-on-access weight mappings (name -> tensor): the names are known up front (`names`),
+    a tensor is read or made only when it is indexed. Membership, iteration and length go through `names`:
+    `Mapping`'s defaults would index, and so read, tensors."""
+
+    @property
+    def names(self) -> Collection[str]:
+        raise NotImplementedError
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class TensorFile(ReadOnAccess):
     """A safetensors file on any storage as a read-on-access mapping name -> tensor.
 
     Opening reads only the header; `f[name]` reads that tensor's bytes with one ranged read.
@@ -185,6 +204,10 @@ class TensorFile(Mapping):
             raise KeyError(f"{name!r} is not in {self.path} (it holds {len(self._entries)} tensors)")
         return self._entries[name]
 
+    @property
+    def names(self) -> Collection[str]:
+        return self._entries
+
     def __getitem__(self, name: str) -> torch.Tensor:
         e = self._entry(name)
         start, stop = e["data_offsets"]
@@ -194,15 +217,6 @@ class TensorFile(Mapping):
         if not buf:
             return torch.empty(e["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(e["shape"])
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def write_safetensors_streamed(path: str | os.PathLike, specs: Iterable[tuple[str, torch.Size, torch.dtype]],

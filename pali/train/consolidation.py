@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
 
 from pali.config import PaLIConfig
+from pali.storage import ReadOnAccess
 from pali.train.config import TrainConfig
 
 
@@ -33,7 +34,7 @@ def init_state(cfg: TrainConfig, mcfg: PaLIConfig) -> str:
     return src
 
 
-class ResizedPositions(Mapping):
+class ResizedPositions(ReadOnAccess):
     """A read-on-access state whose vision position embeddings are resized, when loaded, to `cfg`'s grid.
 
     Wraps an init state saved at another image size (PaLI's high-res phase): every other tensor passes
@@ -42,6 +43,10 @@ class ResizedPositions(Mapping):
 
     def __init__(self, state: Mapping[str, torch.Tensor], cfg: PaLIConfig):
         self.state, self.cfg = state, cfg
+
+    @property
+    def names(self) -> Collection[str]:
+        return self.state
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self.state[name]
@@ -53,15 +58,6 @@ class ResizedPositions(Mapping):
             if t.shape[1] != grid * grid + int(v.class_token):
                 t = interpolate_pos_embed(t, v.class_token, grid)
         return t
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.state
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.state)
-
-    def __len__(self) -> int:
-        return len(self.state)
 
 
 def init_mapping(path: str, cfg: PaLIConfig) -> Mapping[str, torch.Tensor]:

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from pali.storage import ReadOnAccess
 
 META = "meta.json"
 
@@ -234,7 +236,7 @@ def _local_shape(spec) -> tuple[int, ...]:
     return tuple(shape)
 
 
-class LazyShardedState(Mapping):
+class LazyShardedState(ReadOnAccess):
     """A checkpoint's model as a read-on-access mapping: name -> full tensor (TP chunks merged).
 
     Opening reads only the JSON files and the safetensors headers; `state[name]` reads just that tensor's
@@ -296,20 +298,15 @@ class LazyShardedState(Mapping):
                 parts.append(({name: spec}, {name: f.get_tensor(key)}))
         return merge_shards(parts)[name]
 
+    @property
+    def names(self) -> Collection[str]:
+        return self._model
+
     def __getitem__(self, name: str) -> torch.Tensor:
         """The full tensor `name` (as in `PaLI.state_dict()`), read from disk now."""
         if name not in self._model:
             raise KeyError(f"{name!r} is not in checkpoint {self.dir} (it holds {len(self._model)} tensors)")
         return self._read(f"model/{name}", name, self._model[name])
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._model
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._model)
-
-    def __len__(self) -> int:
-        return len(self._model)
 
     def optim_for(self, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
         """{name: {key: full tensor}} of the optimizer state of just `names` (others are not read)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pali.config import PaLIConfig
+from pali.storage import ReadOnAccess
 
 LABEL_FIELD = "image_labels"
 PREFIX = "vision_tower."
@@ -190,7 +191,7 @@ def pretrain_vision(mcfg: PaLIConfig, shards: Sequence[str], eval_shards: Sequen
     return state, report
 
 
-class SeededState(Mapping):
+class SeededState(ReadOnAccess):
     """Every tensor of `create_model(cfg, seed=seed)`, with the ones in `overlay` replaced.
 
     A `full_state` for `build_engine`: the tower comes from the vision stage, everything else is the
@@ -210,15 +211,13 @@ class SeededState(Mapping):
                 raise ValueError(f"overlay tensor {k} has shape {tuple(overlay[k].shape)}; the model's is "
                                  f"{self._shapes[k]} (was the tower pretrained at another geometry?)")
 
+    @property
+    def names(self) -> Collection[str]:
+        return self._shapes
+
     def __getitem__(self, name: str) -> torch.Tensor:
         from pali.factory import init_tensor
 
         if name in self.overlay:
             return self.overlay[name]
         return init_tensor(self.cfg, name, self._shapes[name], self.seed)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
