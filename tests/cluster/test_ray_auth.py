@@ -26,7 +26,6 @@ import pytest
 
 from cluster import auth
 from cluster.local_cluster import LocalCluster
-from cluster.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -39,6 +38,23 @@ def f():
     return 41 + 1
 print("RAN", ray.get(f.remote(), timeout=60), flush=True)
 """
+
+
+def _quiet_port() -> int:
+    """A free port outside the kernel's ephemeral range (where the Ray instances starting beside the server
+    take theirs by binding port 0) and above Ray's worker ports (10002-19999), so nothing takes it between
+    this pick and the server's bind."""
+    import random
+    import socket
+
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def _user_env(home: Path, tmpdir: str | None = None, **extra: str) -> dict[str, str]:
@@ -126,7 +142,7 @@ def test_project_clusters_refuse_processes_without_the_token(tmp_path):
     # `python -m serve` on its own local Ray, likewise.
     serve_home, serve_tmp = tmp_path / "serve-home", tempfile.mkdtemp(prefix="ps-", dir="/tmp")
     serve_home.mkdir()
-    serve_log, port = tmp_path / "serve.log", free_port()
+    serve_log, port = tmp_path / "serve.log", _quiet_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "serve", "--checkpoint", str(ckpt), "--port", str(port), "--num-replicas", "1",
          "--torch-threads", "1"],
